@@ -1,0 +1,21 @@
+"""qws_jax: quantized weight sharing for JAX.
+
+k-means weight sharing (Deep Compression) and hashed weight sharing (HashedNets) as pure
+functions over parameter pytrees, with kernels, training helpers and checkpoints.
+"""
+
+from qws_jax._src.tree import Rule
+from qws_jax._src.types import HashedArray
+from qws_jax._src.types import SharedArray
+from qws_jax._src.types import validate_hashed_array
+from qws_jax._src.types import validate_shared_array
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HashedArray",
+    "Rule",
+    "SharedArray",
+    "validate_hashed_array",
+    "validate_shared_array",
+]

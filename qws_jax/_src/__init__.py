@@ -1,0 +1,1 @@
+"""Private implementation of qws_jax. Import from `qws_jax`, not from here."""
