@@ -1,0 +1,3 @@
+"""Flax linen layers and helpers for compressed parameters."""
+
+__all__ = []

@@ -1,0 +1,3 @@
+"""Flax NNX layers and helpers for compressed parameters."""
+
+__all__ = []
