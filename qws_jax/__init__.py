@@ -4,6 +4,7 @@ k-means weight sharing (Deep Compression) and hashed weight sharing (HashedNets)
 functions over parameter pytrees, with kernels, training helpers and checkpoints.
 """
 
+from qws_jax._src.share import unshare
 from qws_jax._src.tree import Rule
 from qws_jax._src.types import HashedArray
 from qws_jax._src.types import SharedArray
@@ -16,6 +17,7 @@ __all__ = [
     "HashedArray",
     "Rule",
     "SharedArray",
+    "unshare",
     "validate_hashed_array",
     "validate_shared_array",
 ]
