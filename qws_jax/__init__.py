@@ -4,7 +4,16 @@ k-means weight sharing (Deep Compression) and hashed weight sharing (HashedNets)
 functions over parameter pytrees, with kernels, training helpers and checkpoints.
 """
 
+from qws_jax._src.apply import apply
+from qws_jax._src.checkpoint import CheckpointManager
+from qws_jax._src.checkpoint import restore
+from qws_jax._src.checkpoint import save
+from qws_jax._src.hash_share import hash_share
+from qws_jax._src.kmeans import KMeansResult
+from qws_jax._src.kmeans import kmeans
+from qws_jax._src.share import share
 from qws_jax._src.share import unshare
+from qws_jax._src.train import codebook_optimizer
 from qws_jax._src.tree import Rule
 from qws_jax._src.types import HashedArray
 from qws_jax._src.types import SharedArray
@@ -14,9 +23,18 @@ from qws_jax._src.types import validate_shared_array
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointManager",
     "HashedArray",
+    "KMeansResult",
     "Rule",
     "SharedArray",
+    "apply",
+    "codebook_optimizer",
+    "hash_share",
+    "kmeans",
+    "restore",
+    "save",
+    "share",
     "unshare",
     "validate_hashed_array",
     "validate_shared_array",

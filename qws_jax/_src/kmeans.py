@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_FINE_BITS = 20
+_FINE_BITS = 18
 _NUM_FINE = 1 << _FINE_BITS
 _SHIFT = 32 - _FINE_BITS
 
@@ -344,55 +344,84 @@ def _init_1d(am, aw, k, init, key):
 
 # --------------------------------------------------------------------------- 1-D
 
-_MEDIUM_GROUP = 4  # fine bins per medium bin on the histogram path (2**16 medium bins)
-
-
-def _medium_atoms(fw, fm, hist: bool):
-  """Medium atoms for the coarse step: groups of 16 fine bins (histogram) or the atoms."""
-  if not hist:
-    return fw, fm
-  g = _MEDIUM_GROUP
-  w = fw.reshape(-1, g)
-  m = fm.reshape(-1, g)
-  lo = m[:, 0]
-  mw = jnp.sum(w, -1)
-  off = jnp.sum(w * (m - lo[:, None]), -1)
-  return mw, lo + jnp.where(mw > 0, off / jnp.where(mw > 0, mw, 1.0), 0.0)
-
-
-def _kmeans_1d(x, w, key, *, k, method, init, num_atoms, polish_iters, max_iters,
-               sort_threshold):
-  """1-D weighted k-means of a flat float32 vector. Returns (centroids, assignments)."""
-  n = x.shape[0]
-  hist = n > sort_threshold
+def _atoms_stage(x, w, key, *, k, method, init, num_atoms, sort_threshold):
+  """Stage 1 (one group): fine atoms, then coarse atoms (dp) or initial centroids (lloyd)."""
+  hist = x.shape[0] > sort_threshold
   if hist:
-    fw, fm, bins = _histogram_atoms(x, w)
+    fw, fm, _ = _histogram_atoms(x, w)
   else:
     fw, fm, _ = _sorted_atoms(x, w)
-  mw, mm = _medium_atoms(fw, fm, hist)
-  if method == "dp":
-    m = min(num_atoms, mw.shape[0])
-    ids = _coarse_ids(mw, mm, m)
-    aw = jax.ops.segment_sum(mw, ids, m, indices_are_sorted=True)
-    lo_m = mm[0]
-    am_off = jax.ops.segment_sum(mw * (mm - lo_m), ids, m, indices_are_sorted=True)
-    am = lo_m + jnp.where(aw > 0, am_off / jnp.where(aw > 0, aw, 1.0), 0.0)
-    cent, used = _dp_centroids(aw, am, k)
-    cent = _fill_empty(cent, used)
-    iters = polish_iters
-  else:
-    cent = _init_1d(mm, mw, k, init, key)
-    iters = max_iters
-  cent, used, b = _lloyd_prefix(cent, fw, fm, iters)
+  if method != "dp":
+    return fw, fm, _init_1d(fm, fw, k, init, key), jnp.zeros((0,), jnp.float32)
+  m = min(num_atoms, fw.shape[0])
+  ids = _coarse_ids(fw, fm, m)
+  aw = jax.ops.segment_sum(fw, ids, m, indices_are_sorted=True)
+  lo = fm[0]
+  off = jax.ops.segment_sum(fw * (fm - lo), ids, m, indices_are_sorted=True)
+  am = lo + jnp.where(aw > 0, off / jnp.where(aw > 0, aw, 1.0), 0.0)
+  return fw, fm, aw, am
+
+
+def _dp_stage(aw, am, *, k):
+  """Stage 2 (one group): exact DP on the coarse atoms -> starting centroids."""
+  cent, used = _dp_centroids(aw, am, k)
+  return _fill_empty(cent, used)
+
+
+def _finish_stage(x, w, fw, fm, cent, *, iters, refine):
+  """Stage 3 (one group): Lloyd polish on the fine atoms, then ``refine`` exact Lloyd
+  steps on the raw values (the atoms are binned), exact nearest assignment."""
+  k = cent.shape[0]
+  cent, used, _ = _lloyd_prefix(cent, fw, fm, iters)
   cent = jnp.sort(_fill_empty(cent, used))
-  if hist:
-    # cluster of each fine bin = number of boundaries at or before it
-    marks = jnp.zeros((fw.shape[0] + 1,), jnp.int32).at[b].add(1)
-    table = jnp.cumsum(marks[:-1])
-    assign = table[bins]
-  else:
+  assign = _assign_sorted(cent, x)
+  for _ in range(refine):
+    sw = jax.ops.segment_sum(w, assign, k)
+    s1 = jax.ops.segment_sum(w * (x - cent[assign]), assign, k)
+    cent = jnp.sort(cent + jnp.where(sw > 0, s1 / jnp.where(sw > 0, sw, 1.0), 0.0))
     assign = _assign_sorted(cent, x)
   return cent, assign
+
+
+@functools.partial(jax.jit, static_argnames=("k", "method", "init", "num_atoms",
+                                             "sort_threshold"))
+def _atoms_batch(x, w, keys, *, k, method, init, num_atoms, sort_threshold):
+  fn = functools.partial(_atoms_stage, k=k, method=method, init=init, num_atoms=num_atoms,
+                         sort_threshold=sort_threshold)
+  return jax.vmap(fn)(x, w, keys)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _dp_batch(aw, am, *, k):
+  return jax.vmap(functools.partial(_dp_stage, k=k))(aw, am)
+
+
+@functools.partial(jax.jit, static_argnames=("iters", "refine"))
+def _finish_batch(x, w, fw, fm, cent, *, iters, refine):
+  fn = functools.partial(_finish_stage, iters=iters, refine=refine)
+  return jax.vmap(fn)(x, w, fw, fm, cent)
+
+
+def kmeans_1d_batch(x, w, keys, *, k, method="dp", init="linear", num_atoms=None,
+                    polish_iters=1000, max_iters=300, sort_threshold=65536):
+  """1-D k-means of each row of ``x`` ``(G, n)`` with weights ``w`` ``(G, n)``.
+
+  Three jitted stages, so that the dynamic program compiles once per ``(G, atoms, k)``
+  and is shared by all leaves with the same number of groups.
+  Returns sorted centroids ``(G, k)`` float32 and int32 assignments ``(G, n)``.
+  """
+  if num_atoms is None:
+    num_atoms = default_num_atoms(k)
+  fw, fm, a, b = _atoms_batch(x, w, keys, k=k, method=method, init=init,
+                              num_atoms=int(num_atoms), sort_threshold=int(sort_threshold))
+  if method == "dp":
+    cent = _dp_batch(a, b, k=k)
+    iters = polish_iters
+  else:
+    cent = a
+    iters = max_iters
+  refine = 2 if x.shape[1] > sort_threshold else 0
+  return _finish_batch(x, w, fw, fm, cent, iters=int(iters), refine=refine)
 
 
 def default_num_atoms(k: int) -> int:
@@ -404,15 +433,6 @@ def _validate_k(k):
     raise TypeError(f"k must be an int, got {k!r}")
   if not 2 <= k <= 256:
     raise ValueError(f"k must be in [2, 256], got {k=}")
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "k", "method", "init", "num_atoms", "polish_iters", "max_iters", "sort_threshold"))
-def _kmeans_1d_jit(x, w, key, *, k, method, init, num_atoms, polish_iters, max_iters,
-                   sort_threshold):
-  return _kmeans_1d(x, w, key, k=k, method=method, init=init, num_atoms=num_atoms,
-                    polish_iters=polish_iters, max_iters=max_iters,
-                    sort_threshold=sort_threshold)
 
 
 # --------------------------------------------------------------------------- vector
@@ -556,10 +576,10 @@ def kmeans(x: jax.typing.ArrayLike, k: int, *, weights: jax.typing.ArrayLike | N
   if num_atoms is None:
     num_atoms = default_num_atoms(k)
   if x.ndim == 1:
-    cent, assign = _kmeans_1d_jit(
-        xf, w, key, k=k, method=method, init=init, num_atoms=int(num_atoms),
-        polish_iters=int(polish_iters), max_iters=int(max_iters),
-        sort_threshold=int(sort_threshold))
+    cent, assign = kmeans_1d_batch(
+        xf[None], w[None], key[None], k=k, method=method, init=init, num_atoms=num_atoms,
+        polish_iters=polish_iters, max_iters=max_iters, sort_threshold=sort_threshold)
+    cent, assign = cent[0], assign[0]
     inertia = jnp.sum(w * (xf - cent[assign]) ** 2)
   else:
     cent, assign = _vector_kmeans_jit(xf, w, key, k=k, init=init, max_iters=int(max_iters),

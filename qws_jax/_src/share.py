@@ -110,37 +110,48 @@ def _to_groups(x, shape, axis, group_size, d):
   return g, None, back
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "shape", "k", "axis", "group_size", "vector_dim", "method", "init", "num_atoms",
-    "polish_iters", "max_iters", "tol", "sort_threshold"))
-def _share_leaf(x, w, key, *, shape, k, axis, group_size, vector_dim, method, init, num_atoms,
-                polish_iters, max_iters, tol, sort_threshold):
-  d = vector_dim
-  xf = x.astype(jnp.float32)
-  g, vmask, back = _to_groups(xf, shape, axis, group_size, d)
+@functools.partial(jax.jit, static_argnames=("shape", "axis", "group_size", "vector_dim"))
+def _groups(x, w, *, shape, axis, group_size, vector_dim):
+  g, vmask, _ = _to_groups(x.astype(jnp.float32), shape, axis, group_size, vector_dim)
   if w is None:
     wg = jnp.ones(g.shape[:2], jnp.float32)
   else:
-    wg, _, _ = _to_groups(w.astype(jnp.float32), shape, axis, group_size, d)
-    wg = jnp.sum(wg, -1)  # a vector's importance: sum over its elements
+    wg, _, _ = _to_groups(w.astype(jnp.float32), shape, axis, group_size, vector_dim)
+    wg = jnp.sum(wg, -1)  # a vector's importance: the sum over its elements
   if vmask is not None:
     wg = wg * vmask
+  return g, wg
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "axis", "group_size", "vector_dim",
+                                             "dtype"))
+def _pack_leaf(cent, assign, *, shape, axis, group_size, vector_dim, dtype):
+  _, _, back = _to_groups(jnp.zeros(shape, jnp.float32), shape, axis, group_size, vector_dim)
+  k = cent.shape[1]
+  indices = packing.pack(back(assign), types.bits_for(k))
+  grid = types.grid_shape(shape, axis, group_size, vector_dim)
+  return indices, cent.reshape(grid + cent.shape[1:]).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "init", "max_iters", "tol"))
+def _vector_batch(g, wg, keys, *, k, init, max_iters, tol):
+  fn = functools.partial(kmeans_lib._vector_kmeans, k=k, init=init,  # pylint: disable=protected-access
+                         max_iters=max_iters, tol=tol)
+  return jax.vmap(fn)(g, wg, keys)
+
+
+def _share_leaf(x, w, key, *, shape, k, axis, group_size, vector_dim, method, init, num_atoms,
+                polish_iters, max_iters, tol):
+  st = dict(shape=shape, axis=axis, group_size=group_size, vector_dim=vector_dim)
+  g, wg = _groups(x, w, **st)
   keys = jax.random.split(key, g.shape[0])
-  if d == 1:
-    fn = functools.partial(
-        kmeans_lib._kmeans_1d, k=k, method=method, init=init,  # pylint: disable=protected-access
-        num_atoms=num_atoms, polish_iters=polish_iters, max_iters=max_iters,
-        sort_threshold=sort_threshold)
-    cent, assign = jax.vmap(fn)(g[..., 0], wg, keys)
+  if vector_dim == 1:
+    cent, assign = kmeans_lib.kmeans_1d_batch(
+        g[..., 0], wg, keys, k=k, method=method, init=init, num_atoms=num_atoms,
+        polish_iters=polish_iters, max_iters=max_iters)
   else:
-    fn = functools.partial(kmeans_lib._vector_kmeans, k=k, init=init,  # pylint: disable=protected-access
-                           max_iters=max_iters, tol=tol)
-    cent, assign = jax.vmap(fn)(g, wg, keys)
-  bits = types.bits_for(k)
-  indices = packing.pack(back(assign), bits)
-  grid = types.grid_shape(shape, axis, group_size, d)
-  codebook = cent.reshape(grid + cent.shape[1:]).astype(x.dtype)
-  return indices, codebook
+    cent, assign = _vector_batch(g, wg, keys, k=k, init=init, max_iters=max_iters, tol=tol)
+  return _pack_leaf(cent, assign, dtype=np.dtype(x.dtype), **st)
 
 
 def share(params, k: int = 32, *, axis: int | None = None, group_size: int | None = None,
@@ -232,8 +243,7 @@ def share(params, k: int = 32, *, axis: int | None = None, group_size: int | Non
         group_size=o["group_size"], vector_dim=o["vector_dim"], method=o["method"],
         init=o["init"],
         num_atoms=int(num_atoms) if num_atoms is not None else kmeans_lib.default_num_atoms(o["k"]),
-        polish_iters=int(polish_iters), max_iters=int(max_iters), tol=float(tol),
-        sort_threshold=65536)
+        polish_iters=int(polish_iters), max_iters=int(max_iters), tol=float(tol))
     return types.SharedArray(
         indices=indices, codebook=codebook, shape=tuple(x.shape), dtype=np.dtype(x.dtype),
         bits=types.bits_for(o["k"]), axis=o["axis"], group_size=o["group_size"],
