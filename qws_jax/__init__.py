@@ -11,6 +11,8 @@ from qws_jax._src.checkpoint import save
 from qws_jax._src.hash_share import hash_share
 from qws_jax._src.kmeans import KMeansResult
 from qws_jax._src.kmeans import kmeans
+from qws_jax._src.report import Report
+from qws_jax._src.report import report
 from qws_jax._src.share import share
 from qws_jax._src.share import unshare
 from qws_jax._src.train import codebook_optimizer
@@ -26,12 +28,14 @@ __all__ = [
     "CheckpointManager",
     "HashedArray",
     "KMeansResult",
+    "Report",
     "Rule",
     "SharedArray",
     "apply",
     "codebook_optimizer",
     "hash_share",
     "kmeans",
+    "report",
     "restore",
     "save",
     "share",

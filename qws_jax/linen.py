@@ -1,3 +1,9 @@
 """Flax linen layers and helpers for compressed parameters."""
 
-__all__ = []
+from qws_jax._src.layers import HashedConv
+from qws_jax._src.layers import HashedDense
+
+__all__ = [
+    "HashedConv",
+    "HashedDense",
+]

@@ -143,57 +143,72 @@ def _coarse_ids(cw, mean, num_atoms):
 
 @functools.lru_cache(maxsize=None)
 def _dc_schedule(m: int):
-  """Rounds of the divide-and-conquer over j in [0, m]: (mids, left, right) per round.
+  """Rounds of the divide-and-conquer over j in [0, m], padded to equal size.
 
-  ``left``/``right`` index the opt array with sentinels: slot 0 is opt(-1) = 0 and slot
-  ``m + 2`` is opt(m + 1) = m; j is stored in slot ``j + 1``.
+  Returns int32 arrays ``(rounds, T)``: ``mids`` (j, or the scratch ``m + 1``), ``left``
+  and ``right`` (slots of the opt array bounding the search: slot 0 is opt(-1) = 0,
+  slot ``j + 1`` is opt(j), slot ``m + 2`` is opt(m + 1) = m).
   """
   rounds = []
   level = [(0, m)]
   while level:
-    mids, lefts, rights, nxt = [], [], [], []
+    row, nxt = [], []
     for lo, hi in level:
       mid = (lo + hi) // 2
-      mids.append(mid)
-      lefts.append(lo)       # slot of j = lo - 1
-      rights.append(hi + 2)  # slot of j = hi + 1
+      row.append((mid, lo, hi + 2))
       if lo <= mid - 1:
         nxt.append((lo, mid - 1))
       if mid + 1 <= hi:
         nxt.append((mid + 1, hi))
-    rounds.append((np.array(mids, np.int32), np.array(lefts, np.int32),
-                   np.array(rights, np.int32)))
+    rounds.append(row)
     level = nxt
-  return tuple(rounds)
+  t = max(len(r) for r in rounds)
+  sched = np.zeros((3, len(rounds), t), np.int32)
+  sched[0] = m + 1  # padding: scratch j, bounds from slot 0 (opt = 0): a length-1 search
+  for r, row in enumerate(rounds):
+    for c, (mid, left, right) in enumerate(row):
+      sched[:, r, c] = (mid, left, right)
+  return sched
 
 
 def _dp_layer(d_prev, cost_fn, m: int):
-  """One DP layer: D[j] = min_{0<=i<=j} d_prev[i] + cost(i, j) for j = 0..m, and argmin."""
-  opt = jnp.zeros((m + 3,), jnp.int32).at[m + 2].set(m)
-  d_new = jnp.zeros((m + 1,), d_prev.dtype)
-  for mids, lefts, rights in _dc_schedule(m):
-    t_n = mids.shape[0]
-    mids_j = jnp.asarray(mids)
+  """One DP layer: D[j] = min_{0<=i<=j} d_prev[i] + cost(i, j) for j = 0..m, and argmin.
+
+  Divide and conquer on the monotone argmin, one equal-sized vectorised step per
+  recursion level (a loop, so it compiles once).
+  """
+  sched = _dc_schedule(m)
+  t_n = sched.shape[2]
+  size = m + 1 + t_n
+  e = jnp.arange(size, dtype=jnp.int32)
+
+  def round_(carry, rnd):
+    opt, d_new = carry
+    mids, lefts, rights = rnd[0], rnd[1], rnd[2]
     lo = opt[lefts]
-    hi = jnp.minimum(opt[rights], mids_j)
+    hi = jnp.minimum(opt[rights], jnp.minimum(mids, m))
     length = hi - lo + 1
     ends = jnp.cumsum(length)
     starts = ends - length
-    size = m + 1 + t_n
-    e = jnp.arange(size, dtype=jnp.int32)
     seg = jnp.zeros((size,), jnp.int32).at[starts[1:]].add(1, mode="drop")
     t = jnp.cumsum(seg)
     valid = e < ends[-1]
     t = jnp.where(valid, t, 0)
     i = jnp.clip(lo[t] + e - starts[t], 0, m)
-    val = d_prev[i] + cost_fn(i, mids_j[t])
+    val = d_prev[i] + cost_fn(i, jnp.minimum(mids[t], m))
     val = jnp.where(valid, val, jnp.inf)
     best = jax.ops.segment_min(val, t, t_n, indices_are_sorted=True)
     cand = jnp.where(valid & (val <= best[t]), i, m + 1)
     arg = jax.ops.segment_min(cand, t, t_n, indices_are_sorted=True)
-    opt = opt.at[mids + 1].set(arg)
+    slot = jnp.where(mids <= m, mids + 1, m + 3)
+    opt = opt.at[slot].set(arg)
     d_new = d_new.at[mids].set(best)
-  return d_new, opt[1:m + 2]
+    return (opt, d_new), None
+
+  opt = jnp.zeros((m + 4,), jnp.int32).at[m + 2].set(m)
+  d_new = jnp.zeros((m + 2,), d_prev.dtype)
+  (opt, d_new), _ = jax.lax.scan(round_, (opt, d_new), jnp.asarray(sched).transpose(1, 0, 2))
+  return d_new[:m + 1], opt[1:m + 2]
 
 
 def _dp_centroids(aw, am, k: int):
@@ -412,6 +427,13 @@ def kmeans_1d_batch(x, w, keys, *, k, method="dp", init="linear", num_atoms=None
   """
   if num_atoms is None:
     num_atoms = default_num_atoms(k)
+  # Pad rows to a few bucket sizes (zero weight) so that the jitted stages compile for
+  # a handful of shapes rather than for every leaf shape.
+  n = x.shape[1]
+  size = _bucket(n, sort_threshold)
+  if size != n:
+    x = jnp.concatenate([x, jnp.broadcast_to(x[:, :1], (x.shape[0], size - n))], axis=1)
+    w = jnp.concatenate([w, jnp.zeros((w.shape[0], size - n), w.dtype)], axis=1)
   fw, fm, a, b = _atoms_batch(x, w, keys, k=k, method=method, init=init,
                               num_atoms=int(num_atoms), sort_threshold=int(sort_threshold))
   if method == "dp":
@@ -420,8 +442,17 @@ def kmeans_1d_batch(x, w, keys, *, k, method="dp", init="linear", num_atoms=None
   else:
     cent = a
     iters = max_iters
-  refine = 2 if x.shape[1] > sort_threshold else 0
-  return _finish_batch(x, w, fw, fm, cent, iters=int(iters), refine=refine)
+  refine = 2 if size > sort_threshold else 0
+  cent, assign = _finish_batch(x, w, fw, fm, cent, iters=int(iters), refine=refine)
+  return cent, assign[:, :n]
+
+
+def _bucket(n: int, sort_threshold: int) -> int:
+  """Padded row length: a power of two (>= 256) up to the threshold, else a multiple
+  of 2**16."""
+  if n <= sort_threshold:
+    return max(256, 1 << (n - 1).bit_length())
+  return -(-n // 65536) * 65536
 
 
 def default_num_atoms(k: int) -> int:
@@ -448,12 +479,12 @@ def _vector_kmeans(x, w, key, *, k, init, max_iters, tol):
   cdf = jnp.cumsum(w) / jnp.maximum(jnp.sum(w), 1e-30)
   if init == "linear":  # points spread along the principal direction
     mean = jnp.sum(w[:, None] * x, 0) / jnp.maximum(jnp.sum(w), 1e-30)
-    xc = x - mean
+    xc = x - mean[None, :]
     cov = (w[:, None] * xc).T @ xc
     _, vecs = jnp.linalg.eigh(cov)
     proj = xc @ vecs[:, -1]
     order = jnp.argsort(proj)
-    q = (jnp.arange(k) + 0.5) / k
+    q = (jnp.arange(k, dtype=jnp.float32) + 0.5) / k
     cdf_sorted = jnp.cumsum(w[order]) / jnp.maximum(jnp.sum(w), 1e-30)
     pos = jnp.clip(jnp.searchsorted(cdf_sorted, q), 0, n - 1)
     cent = x[order[pos]]
@@ -464,14 +495,14 @@ def _vector_kmeans(x, w, key, *, k, init, max_iters, tol):
     k0, key = jax.random.split(key)
     first = x[jnp.clip(jnp.searchsorted(cdf, jax.random.uniform(k0)), 0, n - 1)]
     cent = jnp.tile(first[None], (k, 1))
-    d2 = w * jnp.sum((x - first) ** 2, -1)
+    d2 = w * jnp.sum((x - first[None, :]) ** 2, -1)
 
     def step(carry, sub):
       cent, d2, i = carry
       c = jnp.cumsum(d2) / jnp.maximum(jnp.sum(d2), 1e-30)
       j = jnp.clip(jnp.searchsorted(c, jax.random.uniform(sub)), 0, n - 1)
       cent = cent.at[i].set(x[j])
-      d2 = jnp.minimum(d2, w * jnp.sum((x - x[j]) ** 2, -1))
+      d2 = jnp.minimum(d2, w * jnp.sum((x - x[j][None, :]) ** 2, -1))
       return (cent, d2, i + 1), None
 
     (cent, _, _), _ = jax.lax.scan(step, (cent, d2, jnp.int32(1)), jax.random.split(key, k - 1))

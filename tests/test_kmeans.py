@@ -1,0 +1,105 @@
+"""qws_jax.kmeans: optimality against an exact reference, edge cases, jit/vmap, determinism."""
+
+import jax
+import jax.numpy as jnp
+import kmeans1d
+import numpy as np
+import pytest
+
+import qws_jax
+
+
+def _sse(x, cent):
+  x = np.asarray(x, np.float64)
+  c = np.sort(np.asarray(cent, np.float64))
+  a = np.searchsorted((c[1:] + c[:-1]) / 2, x)
+  return float(np.sum((x - c[a]) ** 2))
+
+
+def _optimal_sse(x, k):
+  _, cent = kmeans1d.cluster(np.asarray(x, np.float64), k)
+  return _sse(x, cent)
+
+
+@pytest.mark.parametrize("dist,n,k", [
+    ("normal", 3000, 16),        # sort path
+    ("student_t2", 3000, 32),    # heavy tails, sort path
+    ("student_t2", 100_000, 16),  # histogram path, outliers
+])
+def test_near_optimal(dist, n, k):
+  rng = np.random.default_rng(n + k)
+  x = {"normal": lambda: rng.standard_normal(n),
+       "laplace": lambda: rng.laplace(size=n),
+       "student_t2": lambda: rng.standard_t(2, n)}[dist]().astype(np.float32)
+  res = qws_jax.kmeans(x, k)
+  ratio = _sse(x, res.centroids) / _optimal_sse(x, k)
+  assert ratio <= 1.001, ratio
+  # assignments are the nearest centroid, inertia is their SSE
+  np.testing.assert_allclose(float(res.inertia), _sse(x, res.centroids), rtol=1e-3)
+  assert np.all(np.diff(np.asarray(res.centroids)) >= 0)
+  assert res.assignments.dtype == jnp.int32 and int(res.assignments.max()) < k
+
+
+def test_dp_beats_lloyd_on_heavy_tails():
+  x = np.random.default_rng(1).standard_t(2, 5000).astype(np.float32)
+  dp = qws_jax.kmeans(x, 16)
+  lloyd = qws_jax.kmeans(x, 16, method="lloyd", init="linear")
+  assert float(dp.inertia) <= float(lloyd.inertia) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("values", [[0.5], [-1.0, 2.0, 3.5], [0.0, 1e-3, 7.0, -3.0]])
+def test_few_distinct_values_are_exact(values):
+  x = np.tile(np.array(values, np.float32), 50)
+  res = qws_jax.kmeans(x, 8)
+  np.testing.assert_array_equal(np.asarray(res.centroids)[np.asarray(res.assignments)], x)
+  assert np.all(np.isfinite(np.asarray(res.centroids)))
+  assert float(res.inertia) == 0.0
+
+
+def test_weights_match_repetition():
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal(400).astype(np.float32)
+  reps = rng.integers(1, 4, 400)
+  weighted = qws_jax.kmeans(x, 8, weights=reps.astype(np.float32))
+  repeated = qws_jax.kmeans(np.repeat(x, reps), 8)
+  np.testing.assert_allclose(np.asarray(weighted.centroids), np.asarray(repeated.centroids),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_and_jit_are_deterministic():
+  rows = jax.random.normal(jax.random.key(3), (3, 500))
+  f = jax.vmap(lambda r: qws_jax.kmeans(r, 4).centroids)
+  a = f(rows)
+  b = jax.jit(f)(rows)
+  eager = jnp.stack([qws_jax.kmeans(r, 4).centroids for r in rows])
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(eager))
+
+
+@pytest.mark.parametrize("init", ["linear", "quantile", "kmeans++"])
+def test_vector_kmeans(init):
+  rng = np.random.default_rng(4)
+  centres = rng.standard_normal((8, 4)) * 5
+  x = (centres[rng.integers(0, 8, 2000)] + 0.1 * rng.standard_normal((2000, 4))).astype(np.float32)
+  res = qws_jax.kmeans(x, 8, init=init, key=jax.random.key(0))
+  assert res.centroids.shape == (8, 4) and res.assignments.shape == (2000,)
+  total = float(np.sum((x - x.mean(0)) ** 2))
+  assert float(res.inertia) < 0.2 * total
+  if init == "kmeans++":  # well-separated blobs: error at the noise level
+    assert float(res.inertia) / 2000 < (0.1 ** 2 * 4) * 3
+
+
+@pytest.mark.parametrize("k", [1, 257])
+def test_bad_k(k):
+  with pytest.raises(ValueError, match="k must be in"):
+    qws_jax.kmeans(np.ones(10, np.float32), k)
+
+
+def test_nan_rejected():
+  with pytest.raises(ValueError, match="NaN"):
+    qws_jax.kmeans(np.array([1.0, np.nan] * 10, np.float32), 2)
+
+
+def test_integer_rejected():
+  with pytest.raises(TypeError, match="floating"):
+    qws_jax.kmeans(np.arange(10), 2)
