@@ -190,20 +190,6 @@ def to_float16(sa: qws_jax.SharedArray) -> qws_jax.SharedArray:
   return dataclasses.replace(sa, codebook=sa.codebook.astype(jnp.float16), dtype=jnp.float16)
 
 
-def canonicalize(sa: qws_jax.SharedArray) -> qws_jax.SharedArray:
-  """Sorts each codebook ascending again (after training) and remaps the indices."""
-  from qws_jax._src import packing, types  # pylint: disable=g-import-not-at-top
-  k = sa.k
-  perm = jnp.argsort(sa.codebook, axis=-1)
-  inv = jnp.argsort(perm, axis=-1).astype(jnp.int32)
-  idx = sa.unpacked_indices().astype(jnp.int32)
-  gid = types.group_ids(sa.shape, sa.axis, sa.group_size)
-  flat = idx if gid is None else gid * k + idx
-  new_idx = jnp.take(inv.reshape(-1), flat)
-  return dataclasses.replace(sa, indices=packing.pack(new_idx, sa.bits),
-                             codebook=jnp.sort(sa.codebook, axis=-1))
-
-
 def reconstruct(sa: qws_jax.SharedArray, sparse: SparseOutliers | None) -> jax.Array:
   dense = sa.materialize().astype(jnp.float32)
   if sparse is None or sparse.flat_index.size == 0:
@@ -440,7 +426,7 @@ def finetune(model, params, comp, batches: Batches, *, steps: int, lr: float, se
     params_c, state, loss = step(params_c, state, batches.ids[b], batches.mask[b], targets[b])
     losses.append(float(loss))
   trained = flatten_shared(params_c)
-  return {p: (canonicalize(trained[p]), sp) for p, (_, sp) in comp.items()}, losses
+  return {p: (qws_jax.canonicalize(trained[p]), sp) for p, (_, sp) in comp.items()}, losses
 
 
 def flatten_shared(tree) -> dict[str, qws_jax.SharedArray]:

@@ -15,6 +15,7 @@ from qws_jax._src.report import Report
 from qws_jax._src.report import report
 from qws_jax._src.share import share
 from qws_jax._src.share import unshare
+from qws_jax._src.train import canonicalize
 from qws_jax._src.train import codebook_optimizer
 from qws_jax._src.tree import Rule
 from qws_jax._src.types import HashedArray
@@ -32,6 +33,7 @@ __all__ = [
     "Rule",
     "SharedArray",
     "apply",
+    "canonicalize",
     "codebook_optimizer",
     "hash_share",
     "kmeans",

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors import numpy as st_numpy
 
+import qws_jax
 from qws_jax import cli
 from qws_jax._src import checkpoint
 from qws_jax._src import share as share_lib
@@ -169,8 +170,7 @@ def test_demo_quick(tmp_path):
 
 
 @pytest.mark.parametrize("layout", [{}, {"axis": 1}, {"group_size": 8}])
-def test_demo_canonicalize_sorts_codebook_keeps_weights(layout):
-  from qws_jax._src import demo  # pylint: disable=g-import-not-at-top
+def test_canonicalize_sorts_codebook_keeps_weights(layout):
   from qws_jax._src import packing  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   shape, k = (20, 6), 8
@@ -179,6 +179,6 @@ def test_demo_canonicalize_sorts_codebook_keeps_weights(layout):
   idx = rng.integers(0, k, size=shape).astype(np.uint8)
   x = types.SharedArray(packing.pack(idx, 3), cb, shape, jnp.dtype(jnp.float32), 3,
                         layout.get("axis"), layout.get("group_size"))
-  y = demo.canonicalize(x)
+  y = qws_jax.canonicalize({"w": x})["w"]
   types.validate_shared_array(y)  # sorted codebook, indices < k
   np.testing.assert_array_equal(np.asarray(y.materialize()), np.asarray(x.materialize()))

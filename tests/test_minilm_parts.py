@@ -257,7 +257,7 @@ def test_canonicalize_keeps_values(axis):
   un = qws_jax.SharedArray(packing.pack(idx, 3), jnp.asarray(shuffled), sa.shape,
                            jnp.float32, 3, axis)
   np.testing.assert_array_equal(np.asarray(un.materialize()), np.asarray(sa.materialize()))
-  canon = minilm.canonicalize(un)
+  canon = qws_jax.canonicalize(un)
   qws_jax.validate_shared_array(canon)
   np.testing.assert_array_equal(np.asarray(canon.materialize()), np.asarray(sa.materialize()))
 
@@ -313,7 +313,7 @@ def _tiny_batches(n=8, length=8, seed=0):
 def test_share_matrices_sparse_and_storage(tiny):
   _, params = tiny
   paths = [p for p in minilm.flatten(params) if re.match(minilm.ENCODER_MATRIX, p)]
-  assert len(paths) == 6 * _TINY.layers // 1 - 4 * _TINY.layers + 4 * _TINY.layers
+  assert len(paths) == 6 * _TINY.layers
   imp = {p: np.full(minilm.flatten(params)[p].shape[0], 2.0, np.float32) for p in paths}
   comp = minilm.share_matrices(params, paths, bits=2, axis=None, importance=imp, outliers=0.02)
   leaves = minilm.flatten(params)
@@ -346,9 +346,18 @@ def test_gptq_and_finetune_pipeline(tiny):
                for p, (sa, sp) in c.items())
 
   assert out_err(fb) < out_err(comp)
-  tuned, losses = minilm.finetune(model, params, fb, batches, steps=12, lr=3e-2)
+  # optax.adam's bias correction (decay ** int32 count) is not strict-promotion clean.
+  with jax.numpy_dtype_promotion("standard"):
+    tuned, losses = minilm.finetune(model, params, fb, batches, steps=15, lr=2e-3)
   assert np.mean(losses[-3:]) < losses[0]
+  changed = 0
   for p in paths:
-    qws_jax.validate_shared_array(tuned[p][0], p)
-    np.testing.assert_array_equal(np.asarray(tuned[p][0].materialize() != 0),
-                                  np.asarray(tuned[p][0].materialize() != 0))
+    sa, sa0 = tuned[p][0], fb[p][0]
+    qws_jax.validate_shared_array(sa, p)  # codebooks sorted again after training
+    # Indices frozen: every old cluster still maps to one (trained) value.
+    idx0 = np.asarray(sa0.unpacked_indices())
+    vals = np.asarray(sa.materialize())
+    for c in np.unique(idx0):
+      assert np.unique(vals[idx0 == c]).size == 1
+    changed += int(not np.allclose(np.asarray(sa.codebook), np.asarray(sa0.codebook)))
+  assert changed > 0

@@ -188,3 +188,10 @@ def test_property_invariants(k, seed, layout):
   assert w.bits == max(1, int(np.ceil(np.log2(k))))
   qws_jax.validate_shared_array(w, "w")
   assert qws_jax.unshare(s)["w"].shape == x.shape
+
+
+def test_unshare_names_leaf_with_unknown_hash_version():
+  h = qws_jax.HashedArray(buckets=jnp.ones(4), shape=(4, 4), dtype=np.dtype(np.float32),
+                          seed=1, version=99)
+  with pytest.raises(ValueError, match="'layer/kernel'.*hash version 99"):
+    qws_jax.unshare({"layer": {"kernel": h}})

@@ -367,6 +367,14 @@ def _matches(want, got) -> bool:
 
 def _place(want, got):
   """Puts a restored array on the sharding of the target leaf, when it has one."""
+  if isinstance(want, types.SharedArray) and isinstance(got, types.SharedArray):
+    # Compressed leaves: each child goes to the sharding of the target's child.
+    return types.SharedArray(_place(want.indices, got.indices), _place(want.codebook, got.codebook),
+                             got.shape, got.dtype, got.bits, got.axis, got.group_size,
+                             got.vector_dim)
+  if isinstance(want, types.HashedArray) and isinstance(got, types.HashedArray):
+    return types.HashedArray(_place(want.buckets, got.buckets), got.shape, got.dtype, got.seed,
+                             got.signed, got.version)
   sharding = getattr(want, "sharding", None)
   if sharding is not None and not types.is_compressed(got) and hasattr(got, "shape"):
     return jax.device_put(got, sharding)

@@ -4,7 +4,7 @@
 2. Shares its weights with k-means at several ``k`` (`qws_jax.share`), then fine-tunes
    the codebooks with `qws_jax.codebook_optimizer` (the gradient of a centroid is the
    sum of the gradients of the weights that point at it, Deep Compression), then
-   restores the canonical sorted codebook (`canonicalize`).
+   restores the canonical sorted codebook (`qws_jax.canonicalize`).
 3. Trains a HashedNets MLP from scratch (`qws_jax.linen.HashedDense`).
 4. Saves every compressed model with `qws_jax.save`, restores it with
    `qws_jax.restore` and checks that the restored model gives the same predictions.
@@ -27,8 +27,8 @@ import numpy as np
 import optax
 
 from qws_jax._src import checkpoint
-from qws_jax._src import packing
 from qws_jax._src import share as share_lib
+from qws_jax._src import train
 from qws_jax._src import types
 
 
@@ -136,21 +136,6 @@ def _steps_as_epochs(steps, n, batch_size):
   return max(1, -(-steps // max(1, n // batch_size)))
 
 
-def canonicalize(x: types.SharedArray) -> types.SharedArray:
-  """Sorts a scalar codebook (after fine-tuning) and renumbers the indices to match."""
-  if x.vector_dim != 1:
-    return x
-  k = x.k
-  order = jnp.argsort(x.codebook, axis=-1)
-  cb = jnp.take_along_axis(x.codebook, order, axis=-1)
-  inv = jnp.argsort(order, axis=-1).astype(jnp.int32).reshape(-1)
-  idx = x.unpacked_indices().astype(jnp.int32)
-  gid = types.group_ids(x.shape, x.axis, x.group_size, x.vector_dim)
-  flat = idx if gid is None else gid * k + idx
-  new = jnp.take(inv, flat, axis=0).astype(jnp.uint8)
-  return dataclasses.replace(x, indices=packing.pack(new, x.bits), codebook=cb)
-
-
 def _accuracy(apply_fn, params, x, y) -> float:
   return float(np.mean(np.argmax(np.asarray(apply_fn(params, x)), -1) == y))
 
@@ -212,8 +197,7 @@ def run(*, quick: bool = False, workdir: str | None = None, seed: int = 0,
       tx = qws_jax.codebook_optimizer(optax.adam(cfg.finetune_learning_rate))
       params_c = _train(dense_apply, params_c, tx, (x_tr, y_tr), epochs=ft_epochs,
                         batch_size=cfg.batch_size, seed=seed + k, desc=f"fine-tune k={k}")
-      params_c = jax.tree.map(lambda x: canonicalize(x) if isinstance(x, types.SharedArray) else x,
-                              params_c, is_leaf=types.is_compressed)
+      params_c = train.canonicalize(params_c)
     acc = _accuracy(dense_apply, params_c, x_te, y_te)
     path = checkpoint.save(os.path.join(workdir, f"shared_k{k}"), params_c, force=True)
     back = checkpoint.restore(path)

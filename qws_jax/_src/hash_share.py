@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qws_jax._src import hashing
+from qws_jax._src import sharding as sharding_lib
 from qws_jax._src import tree as tree_lib
 from qws_jax._src import types
 
@@ -186,12 +187,14 @@ def hash_share(params, compression: float | None = 1 / 8, *, key: jax.Array | No
       if key is None:
         raise ValueError(f"hash_share(init='fan_in') needs key= (leaf {path!r})")
       k = jax.random.fold_in(key, hashing.fnv1a32(path.encode("utf-8")))
-      vals = fan_in_buckets(k, b, shape, leaf.dtype)
+      vals = sharding_lib.replicate_like(fan_in_buckets(k, b, shape, leaf.dtype), leaf)
     elif how == "from_dense":
       if not _is_concrete(leaf) and not isinstance(leaf, jax.core.Tracer):
         raise ValueError(f"init='from_dense' needs the dense values of leaf {path!r},"
                          f" got an abstract {type(leaf).__name__}; use init='fan_in'")
-      vals = from_dense_buckets(jnp.asarray(leaf), sd, b, bool(options["signed"]))
+      vals = sharding_lib.from_dense_buckets(leaf, sd, b, bool(options["signed"]))  # sharded
+      if vals is None:
+        vals = from_dense_buckets(jnp.asarray(leaf), sd, b, bool(options["signed"]))
     else:
       raise ValueError(f"init={how!r} for leaf {path!r}: expected one of {INITS}")
     return types.HashedArray(buckets=vals, shape=shape, dtype=np.dtype(leaf.dtype), seed=sd,

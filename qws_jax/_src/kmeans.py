@@ -438,7 +438,8 @@ def kmeans_1d_batch(x, w, keys, *, k, method="dp", init="linear", num_atoms=None
                               num_atoms=int(num_atoms), sort_threshold=int(sort_threshold))
   if method == "dp":
     cent = _dp_batch(a, b, k=k)
-    iters = polish_iters
+    # With at most num_atoms fine atoms every value is its own atom: the DP is exact.
+    iters = 0 if size <= num_atoms else polish_iters
   else:
     cent = a
     iters = max_iters

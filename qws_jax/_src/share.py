@@ -11,6 +11,7 @@ import numpy as np
 from qws_jax._src import hashing
 from qws_jax._src import kmeans as kmeans_lib
 from qws_jax._src import packing
+from qws_jax._src import sharding as sharding_lib
 from qws_jax._src import tree as tree_lib
 from qws_jax._src import types
 
@@ -24,10 +25,19 @@ def unshare(tree):
   Returns:
     The same structure with each compressed leaf replaced by its dense array (its
     logical ``shape`` and ``dtype``). Other leaves are returned as the same objects.
+
+  Raises:
+    ValueError: a hashed leaf with an unknown hash version (the message names its path).
   """
-  return jax.tree_util.tree_map(
-      lambda x: x.materialize() if types.is_compressed(x) else x, tree,
-      is_leaf=types.is_compressed)
+  def one(path, x):
+    if not types.is_compressed(x):
+      return x
+    if isinstance(x, types.HashedArray) and x.version not in hashing.SUPPORTED_HASH_VERSIONS:
+      raise ValueError(f"leaf {tree_lib.path_str(path)!r}: unknown hash version {x.version};"
+                       f" this qws_jax knows {hashing.SUPPORTED_HASH_VERSIONS}")
+    dense = sharding_lib.materialize(x)  # None unless spread over several devices
+    return x.materialize() if dense is None else dense
+  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=types.is_compressed)
 
 
 # ----------------------------------------------------------------------------- share
@@ -238,12 +248,18 @@ def share(params, k: int = 32, *, axis: int | None = None, group_size: int | Non
       if not isinstance(w, jax.core.Tracer) and bool(jnp.any(w < 0) | ~jnp.all(jnp.isfinite(w))):
         raise ValueError(f"leaf {path!r}: weights must be finite and non-negative")
     leaf_key = jax.random.fold_in(key, hashing.fnv1a32(path.encode()))
-    indices, codebook = _share_leaf(
-        x, w, leaf_key, shape=tuple(x.shape), k=o["k"], axis=o["axis"],
+    kw = dict(
+        k=o["k"], axis=o["axis"],
         group_size=o["group_size"], vector_dim=o["vector_dim"], method=o["method"],
         init=o["init"],
         num_atoms=int(num_atoms) if num_atoms is not None else kmeans_lib.default_num_atoms(o["k"]),
         polish_iters=int(polish_iters), max_iters=int(max_iters), tol=float(tol))
+    if sharding_lib.named_sharding(x) is not None:  # spread over devices: shard by shard
+      indices, codebook = sharding_lib.share_leaf(
+          x, w, leaf_key, **kw,
+          single_device=lambda xr, wr: _share_leaf(xr, wr, leaf_key, shape=tuple(x.shape), **kw))
+    else:
+      indices, codebook = _share_leaf(x, w, leaf_key, shape=tuple(x.shape), **kw)
     return types.SharedArray(
         indices=indices, codebook=codebook, shape=tuple(x.shape), dtype=np.dtype(x.dtype),
         bits=types.bits_for(o["k"]), axis=o["axis"], group_size=o["group_size"],

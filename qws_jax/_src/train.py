@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qws_jax._src import packing
 from qws_jax._src import tree as tree_lib
 from qws_jax._src import types
 
@@ -199,3 +200,38 @@ def codebook_optimizer(tx: optax.GradientTransformation, *, reduction: str = "su
     return _embed_updates(params, proj_updates, mask), state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _canonical_leaf(x: types.SharedArray) -> types.SharedArray:
+  if x.vector_dim != 1:
+    return x
+  order = jnp.argsort(x.codebook, axis=-1)
+  inv = jnp.argsort(order, axis=-1).astype(jnp.int32).reshape(-1)
+  idx = x.unpacked_indices().astype(jnp.int32)
+  gid = types.group_ids(x.shape, x.axis, x.group_size, x.vector_dim)
+  flat = idx if gid is None else gid * x.k + idx
+  new = jnp.take(inv, flat, axis=0).astype(jnp.uint8)
+  return dataclasses.replace(x, indices=packing.pack(new, x.bits),
+                             codebook=jnp.take_along_axis(x.codebook, order, axis=-1))
+
+
+def canonicalize(tree):
+  """Restores the canonical form of every `SharedArray` after codebook training.
+
+  Fine-tuning moves centroids independently, so a codebook may no longer be sorted
+  (`validate_shared_array` then fails). This sorts each scalar codebook ascending and
+  renumbers the indices so that every weight keeps its value: ``unshare`` is unchanged.
+  Vector codebooks and other leaves pass through. Pure and jit-compatible.
+
+  Args:
+    tree: a pytree with `SharedArray` leaves (e.g. fine-tuned params).
+
+  Returns:
+    The same tree with sorted codebooks and matching indices.
+
+  Example:
+    >>> params_c = qws_jax.canonicalize(params_c)  # after training with codebook_optimizer
+  """
+  return jax.tree_util.tree_map(
+      lambda x: _canonical_leaf(x) if isinstance(x, types.SharedArray) else x, tree,
+      is_leaf=types.is_compressed)

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from qws_jax._src import packing
+from qws_jax._src import sharding as sharding_lib
 from qws_jax._src.types import SharedArray
 from qws_jax.kernels import _common
 from qws_jax.kernels._common import BlockSizes
@@ -533,4 +534,8 @@ def shared_matmul(x: jax.typing.ArrayLike, w: SharedArray, *, impl: str | None =
   impl = _common.resolve_impl(impl, pallas_unsupported(w, kernel if impl != "interpret" else "triton"))
   if impl == "pallas":
     impl = kernel
+  # Weights sharded over Explicit mesh axes: block by block under shard_map.
+  y = sharding_lib.tensor_parallel_matmul(x, w, lambda xl, wl: _run(xl, wl, impl, block_sizes))
+  if y is not None:
+    return y
   return _run(x, w, impl, block_sizes)
