@@ -13,6 +13,7 @@ from qws_jax._src.kmeans import KMeansResult
 from qws_jax._src.kmeans import kmeans
 from qws_jax._src.report import Report
 from qws_jax._src.report import report
+from qws_jax._src.sharding import compressed_shardings
 from qws_jax._src.share import share
 from qws_jax._src.share import unshare
 from qws_jax._src.train import canonicalize
@@ -35,6 +36,7 @@ __all__ = [
     "apply",
     "canonicalize",
     "codebook_optimizer",
+    "compressed_shardings",
     "hash_share",
     "kmeans",
     "report",

@@ -27,6 +27,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import flax.linen as nn
 import qws_jax
 from qws_jax._src import sharding as shd
+from qws_jax._src import tree as tree_lib
 from qws_jax.kernels import hashed_matmul, shared_matmul
 
 out = {}
@@ -92,29 +93,32 @@ def hlo_max_elems(text):
   return best
 
 def memory():
-  # A "large" leaf: the per-device programs of every sharded stage never hold it whole.
-  mesh = mesh_of((8,), ("d",))
-  big = jax.device_put(jax.random.normal(jax.random.key(3), (2048, 1024), jnp.float32),
-                       NamedSharding(mesh, P("d")))
-  n = big.size
-  spec, axes = P("d"), ("d",)
-  ones = jnp.ones(big.shape, jnp.float32, device=big.sharding)
-  res = {"leaf_elems": n, "leaf_bytes": int(big.nbytes)}
-  stages = {"histogram": shd._hist_fn(mesh, spec, axes).lower(big, ones),
-            "assign_refine_pack": shd._assign_fn(mesh, spec, axes, 2, 4, (256, 1024)).lower(
-                big, ones, jax.device_put(jnp.linspace(-2.0, 2.0, 16), NamedSharding(mesh, P())))}
-  for name, lowered in stages.items():
-    c = lowered.compile()
-    ma = c.memory_analysis()
-    text = c.as_text()
-    res[name] = dict(max_elems=hlo_max_elems(text), all_gathers=text.count("all-gather"),
-                     per_device_bytes=int(ma.argument_size_in_bytes + ma.output_size_in_bytes
-                                          + ma.temp_size_in_bytes))
-  r = qws_jax.share({"w": big}, k=16)["w"]
-  res["indices_shard_bytes"] = max(s.data.nbytes for s in r.indices.addressable_shards)
-  res["indices_bytes"] = int(r.indices.nbytes)
-  d = qws_jax.unshare({"w": r})["w"]
-  res["dense_shard_bytes"] = max(s.data.nbytes for s in d.addressable_shards)
+  # A "large" leaf: the per-device programs of the sharded stages never hold it whole,
+  # and their per-device memory falls with the device count.
+  big_host = jax.random.normal(jax.random.key(3), (2048, 1024), jnp.float32)
+  res = {"leaf_elems": int(big_host.size), "leaf_bytes": int(big_host.nbytes)}
+  for name, devs in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+    mesh = jax.make_mesh((len(devs),), ("d",), axis_types=(AxisType.Explicit,), devices=devs)
+    big = jax.device_put(big_host, NamedSharding(mesh, P("d")))
+    local = (2048 // len(devs), 1024)
+    cent = jax.device_put(jnp.linspace(-2.0, 2.0, 16), NamedSharding(mesh, P()))
+    stages = {"histogram": shd._hist_fn(mesh, P("d"), ("d",), False).lower(big),
+              "assign_refine_pack": shd._assign_fn(mesh, P("d"), ("d",), 2, 4, local, False
+                                                   ).lower(big, cent)}
+    for stage, lowered in stages.items():
+      c = lowered.compile()
+      ma = c.memory_analysis()
+      text = c.as_text()
+      res[f"{stage}_{name}"] = dict(
+          max_elems=hlo_max_elems(text), all_gathers=text.count("all-gather"),
+          per_device_bytes=int(ma.argument_size_in_bytes + ma.output_size_in_bytes
+                               + ma.temp_size_in_bytes))
+    if name == "eight":
+      r = qws_jax.share({"w": big}, k=16)["w"]
+      res["indices_shard_bytes"] = max(s.data.nbytes for s in r.indices.addressable_shards)
+      res["indices_bytes"] = int(r.indices.nbytes)
+      d = qws_jax.unshare({"w": r})["w"]
+      res["dense_shard_bytes"] = max(s.data.nbytes for s in d.addressable_shards)
   return res
 check("memory", memory)
 
@@ -172,16 +176,24 @@ def checkpoint():
   qws_jax.save(path, tree)
   # Restore onto ANOTHER mesh: a (4, 2) mesh given by abstract targets.
   mesh2 = mesh_of((4, 2), ("a", "b"))
-  shardings = shd.shardings_of(tree, {"w": NamedSharding(mesh2, P("a", "b")),
+  shardings = qws_jax.compressed_shardings(tree, {"w": NamedSharding(mesh2, P("a", "b")),
                                       "h": NamedSharding(mesh2, P("a", "b")),
                                       "b": NamedSharding(mesh2, P("b"))})
   target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   tree, shardings)
   got = qws_jax.restore(path, target=target)
+  # Every stored array is handed to Orbax with its target sharding (read shard by shard).
+  from qws_jax._src import checkpoint as ckpt
+  meta = ckpt.read_metadata(path)
+  want = {tree_lib.path_str(p): l for p, l in jax.tree_util.tree_flatten_with_path(
+      target, is_leaf=lambda v: isinstance(v, (qws_jax.SharedArray, qws_jax.HashedArray)))[0]}
+  by_key = ckpt._target_shardings(meta["tree"], "", want, {})
+  stored = [r for _, r in ckpt._array_refs(meta["tree"], "", []) if r.get("key") is not None]
   flat_t = jax.tree_util.tree_leaves(tree)
   flat_g = jax.tree_util.tree_leaves(got)
   flat_s = jax.tree_util.tree_leaves(shardings)
   return dict(equal=all(np.array_equal(a, b) for a, b in zip(flat_t, flat_g)),
+              read_sharded=len(by_key) == len(stored) == 4,
               placed=all(g.sharding == s for g, s in zip(flat_g, flat_s)),
               idx_spec=str(got["w"].indices.sharding.spec),
               mesh_shape=str(dict(got["w"].indices.sharding.mesh.shape)))
@@ -224,18 +236,21 @@ def test_share_per_channel_and_per_group(results):
   per_channel, per_group = _ok(results["share_layouts"])
   for r in (per_channel, per_group):
     assert r["idx_equal"] and r["cb_equal"] and r["dense_equal"], r
-    assert r["idx_spec"] == "PartitionSpec('a', 'b')" == r["dense_spec"], r
-  assert per_channel["cb_spec"] == "PartitionSpec('b',)", per_channel  # like the channel axis
-  assert per_group["cb_spec"] == "PartitionSpec('a', 'b')", per_group  # group rows, columns
+    assert r["idx_spec"] == "P('a', 'b')" == r["dense_spec"], r
+  assert per_channel["cb_spec"] == "P('b',)", per_channel  # like the channel axis
+  assert per_group["cb_spec"] == "P('a', 'b')", per_group  # group rows, columns
 
 
 def test_no_device_holds_a_full_large_leaf(results):
   m = _ok(results["memory"])
   for stage in ("histogram", "assign_refine_pack"):
-    s = m[stage]
-    assert s["all_gathers"] == 0, s
-    assert s["max_elems"] < m["leaf_elems"], s  # no per-device array as large as the leaf
-    assert s["per_device_bytes"] < m["leaf_bytes"], s
+    s1, s8 = m[f"{stage}_one"], m[f"{stage}_eight"]
+    assert s8["all_gathers"] == 0, s8
+    assert s8["max_elems"] < m["leaf_elems"], s8  # no per-device array as large as the leaf
+    assert s8["per_device_bytes"] < s1["per_device_bytes"], (s1, s8)
+  # Leaf-proportional stage: per-device memory ~ 1/8 of the single-device program.
+  one, eight = m["assign_refine_pack_one"], m["assign_refine_pack_eight"]
+  assert eight["per_device_bytes"] * 6 < one["per_device_bytes"], (one, eight)
   assert m["indices_shard_bytes"] * 8 == m["indices_bytes"], m
   assert m["dense_shard_bytes"] * 8 == m["leaf_bytes"], m
 
@@ -256,5 +271,5 @@ def test_tensor_parallel_matmul_and_apply(results):
 
 def test_checkpoint_restores_onto_another_mesh(results):
   r = _ok(results["checkpoint"])
-  assert r["equal"] and r["placed"], r
+  assert r["equal"] and r["placed"] and r["read_sharded"], r
   assert r["mesh_shape"] == "{'a': 4, 'b': 2}", r

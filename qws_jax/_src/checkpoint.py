@@ -426,6 +426,47 @@ def save_args(tree):
   return ocp.args.Composite(**items)
 
 
+def _target_shardings(node, path: str, want: dict, out: dict) -> dict:
+  """``{array key: sharding}`` of stored jax arrays whose target leaf has a sharding.
+
+  Walks the JSON structure with the decoder's path names, so that Orbax restores those
+  arrays straight onto the target's sharding (each process reads only its own shards;
+  no device ever holds a whole sharded leaf). Anything unexpected is skipped: the
+  decoder reports it.
+  """
+  if not isinstance(node, dict):
+    return out
+
+  def put(ref, child):
+    s = getattr(child, "sharding", None)
+    if (isinstance(ref, dict) and ref.get("kind") == "jax" and ref.get("key") is not None
+        and isinstance(s, jax.sharding.Sharding) and hasattr(child, "shape")
+        and list(child.shape) == ref.get("shape")
+        and np.dtype(child.dtype).name == ref.get("dtype")):
+      out[str(ref["key"])] = s
+
+  t = node.get("t")
+  w = want.get(path)
+  if t == "array":
+    put(node, w)
+  elif t == "shared" and isinstance(w, types.SharedArray):
+    put(node.get("indices"), w.indices)
+    put(node.get("codebook"), w.codebook)
+  elif t == "hashed" and isinstance(w, types.HashedArray):
+    put(node.get("buckets"), w.buckets)
+  elif t in ("dict", "frozendict", "list", "tuple", "namedtuple", "node"):
+    items = node.get("items") or []
+    if t in ("list", "tuple"):
+      names = list(range(len(items)))
+    else:
+      names = node.get("fields" if t == "namedtuple" else "keys") or []
+    for k, v in zip(names, items):
+      if isinstance(k, dict):
+        k = k.get("int")
+      _target_shardings(v, _join(path, k), want, out)
+  return out
+
+
 def _restore_items(read, where: str, target, has_item):
   """Shared restore logic. ``read(name, args)`` restores one Orbax item."""
   ocp = _ocp()
@@ -457,7 +498,13 @@ def _restore_items(read, where: str, target, has_item):
   if keys:
     if not has_item(ARRAYS_ITEM):
       raise ValueError(f"corrupted qws_jax checkpoint {where}: the {ARRAYS_ITEM!r} item is missing")
-    restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in keys}
+    sharded = {}
+    if target is not None:  # arrays with a target sharding are read shard by shard
+      leaves = jax.tree_util.tree_flatten_with_path(target, is_leaf=types.is_compressed)[0]
+      sharded = _target_shardings(structure, "", {tree_lib.path_str(p): leaf
+                                                  for p, leaf in leaves}, {})
+    restore_args = {k: ocp.ArrayRestoreArgs(sharding=sharded[k]) if k in sharded
+                    else ocp.RestoreArgs(restore_type=np.ndarray) for k in keys}
     try:
       arrays = read(ARRAYS_ITEM, ocp.args.PyTreeRestore(restore_args=restore_args))
     except Exception as e:  # pylint: disable=broad-except  (tensorstore/Orbax raise many types)

@@ -426,7 +426,7 @@ def kmeans_1d_batch(x, w, keys, *, k, method="dp", init="linear", num_atoms=None
   Returns sorted centroids ``(G, k)`` float32 and int32 assignments ``(G, n)``.
   """
   if num_atoms is None:
-    num_atoms = default_num_atoms(k)
+    num_atoms = default_num_atoms(k, x.shape[1], sort_threshold)
   # Pad rows to a few bucket sizes (zero weight) so that the jitted stages compile for
   # a handful of shapes rather than for every leaf shape.
   n = x.shape[1]
@@ -456,7 +456,12 @@ def _bucket(n: int, sort_threshold: int) -> int:
   return -(-n // 65536) * 65536
 
 
-def default_num_atoms(k: int) -> int:
+def default_num_atoms(k: int, n: int | None = None, sort_threshold: int = 65536) -> int:
+  """Coarse atoms of the DP: ``min(4096, max(1024, 16k))`` for histogrammed rows and
+  ``clip(16k, 128, 1024)`` for short (sorted) rows, where the DP is vmapped over many
+  channels or groups and dominates the cost."""
+  if n is not None and n <= sort_threshold:
+    return min(1024, max(128, 16 * k))
   return min(4096, max(1024, 16 * k))
 
 
@@ -562,7 +567,7 @@ def kmeans(x: jax.typing.ArrayLike, k: int, *, weights: jax.typing.ArrayLike | N
     method: ``"dp"`` (1-D only; default) or ``"lloyd"``.
     init: Lloyd initialisation: ``"linear"``, ``"quantile"`` or ``"kmeans++"``.
     num_atoms: coarse atoms of the dynamic program (more: closer to exact, slower);
-      default ``min(4096, max(1024, 16 * k))``.
+      default `default_num_atoms` (depends on k and n).
     polish_iters: Lloyd iterations after the dynamic program.
     max_iters: Lloyd iterations for ``method="lloyd"`` and vector k-means.
     tol: relative objective tolerance of vector k-means.
@@ -605,8 +610,6 @@ def kmeans(x: jax.typing.ArrayLike, k: int, *, weights: jax.typing.ArrayLike | N
       raise ValueError(f"weights must have shape ({n},), got {w.shape}")
   if key is None:
     key = jax.random.key(0)
-  if num_atoms is None:
-    num_atoms = default_num_atoms(k)
   if x.ndim == 1:
     cent, assign = kmeans_1d_batch(
         xf[None], w[None], key[None], k=k, method=method, init=init, num_atoms=num_atoms,

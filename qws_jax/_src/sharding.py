@@ -175,12 +175,35 @@ def compressed_sharding(x, sharding: NamedSharding):
                              codebook=NamedSharding(mesh, _spec(ce)))
 
 
-def shardings_of(tree, reference):
-  """`compressed_sharding` over a tree: ``reference`` is the dense tree (or its shardings).
+def compressed_shardings(tree, reference):
+  """The shardings a compressed tree takes when its dense leaves are laid out as ``reference``.
 
-  Leaves of ``reference`` may be arrays (their ``.sharding`` is used) or
-  ``NamedSharding`` s. Compressed leaves of ``tree`` get `compressed_sharding`; dense
-  leaves get the reference's sharding.
+  Compressed leaves laid out like their dense leaf: the indices keep the leaf's
+  ``PartitionSpec`` (the packed last axis only where shard boundaries fall on packing
+  groups), codebooks are replicated (per tensor) or sharded like the channel axis / the
+  rows and columns of the matmul view (per channel / per group), hashed buckets are
+  replicated. Use the result with ``jax.device_put`` to move a compressed tree to a
+  mesh, or to build ``jax.ShapeDtypeStruct`` targets for `qws_jax.restore` onto a mesh.
+
+  Args:
+    tree: a pytree with `SharedArray` / `HashedArray` leaves (e.g. from `qws_jax.share`).
+    reference: the dense tree's layout: a tree of the same structure (compressed leaves
+      replaced by their dense counterparts) whose leaves are ``NamedSharding`` s or
+      arrays (their ``.sharding`` is used).
+
+  Returns:
+    A tree like ``tree``: each `SharedArray` / `HashedArray` holds ``NamedSharding`` s
+    as its children, each dense leaf the reference's sharding (None where the
+    reference leaf has none).
+
+  Example:
+    >>> import jax, qws_jax                                          # doctest: +SKIP
+    >>> mesh = jax.make_mesh((4, 2), ("data", "model"))              # doctest: +SKIP
+    >>> layout = {"w": jax.NamedSharding(mesh, jax.P(None, "model"))}  # doctest: +SKIP
+    >>> s = qws_jax.compressed_shardings(params_c, layout)           # doctest: +SKIP
+    >>> target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype,
+    ...                       sharding=sh), params_c, s)             # doctest: +SKIP
+    >>> qws_jax.restore(path, target=target)                        # doctest: +SKIP
   """
   def one(x, ref):
     s = ref if isinstance(ref, NamedSharding) else getattr(ref, "sharding", None)
@@ -197,10 +220,10 @@ def _local_flat(x):
   return x.reshape(-1)
 
 
-def _hist_local(x, w, *, axes):
+def _hist_local(x, w=None, *, axes):
   """Local fine-bin statistics of a block, summed over the mesh ``axes``."""
   x = _local_flat(x).astype(jnp.float32)
-  w = _local_flat(w).astype(jnp.float32)
+  w = jnp.ones_like(x) if w is None else _local_flat(w).astype(jnp.float32)
   bins = (kmeans_lib._float_key(x) >> kmeans_lib._SHIFT).astype(jnp.int32)  # pylint: disable=protected-access
   off = x - _fine_low()[bins]
   stats = jax.ops.segment_sum(jnp.stack([w, w * off], -1), bins, kmeans_lib._NUM_FINE)  # pylint: disable=protected-access
@@ -264,7 +287,7 @@ def _assign_local(x, w, cent, *, axes, refine, bits, ishape_local, vector_dim):
   """Stage 3 on a block: nearest centroid, ``refine`` global Lloyd steps, pack."""
   k = cent.shape[0]
   xf = _local_flat(x).astype(jnp.float32)
-  wf = _local_flat(w).astype(jnp.float32)
+  wf = jnp.ones_like(xf) if w is None else _local_flat(w).astype(jnp.float32)
   assign = kmeans_lib._assign_sorted(cent, xf)  # pylint: disable=protected-access
   for _ in range(refine):
     sw = jax.lax.psum(jax.ops.segment_sum(wf, assign, k), axes)
@@ -353,10 +376,14 @@ def _share_tensor(x, w, key, *, mesh, entries, k, method, init, num_atoms, iters
   shape = tuple(x.shape)
   spec = _spec(entries)
   axes = tuple(mesh.axis_names)
+  size = int(np.prod(shape))
+  if num_atoms is None:  # as kmeans_1d_batch resolves it for this row length
+    num_atoms = kmeans_lib.default_num_atoms(k, size, SORT_THRESHOLD)
+  num_atoms = int(num_atoms)
   xs = jax.device_put(x, NamedSharding(mesh, spec))
-  ws = (jnp.ones(shape, jnp.float32, device=NamedSharding(mesh, spec)) if w is None
-        else jax.device_put(w, NamedSharding(mesh, spec)))
-  stats = _hist_fn(mesh, spec, axes)(xs, ws)
+  # Unweighted: the unit weights are made block by block inside the stages.
+  ws = () if w is None else (jax.device_put(w, NamedSharding(mesh, spec)),)
+  stats = _hist_fn(mesh, spec, axes, bool(ws))(xs, *ws)
   # The histogram is replicated: stage 2 runs on one local copy (no leaf-sized data).
   stats0 = stats.addressable_shards[0].data
   cent = _centroids_from_hist(stats0, jax.device_put(key, stats0.sharding), k=k,
@@ -366,22 +393,27 @@ def _share_tensor(x, w, key, *, mesh, entries, k, method, init, num_atoms, iters
   local = [d // _count(mesh, e) for d, e in zip(shape, entries)]
   padded = kmeans_lib._bucket(int(np.prod(shape)), SORT_THRESHOLD)  # pylint: disable=protected-access
   refine = 2 if padded > SORT_THRESHOLD else 0
-  idx, cb = _assign_fn(mesh, spec, axes, refine, bits, tuple(local))(xs, ws, cent)
+  idx, cb = _assign_fn(mesh, spec, axes, refine, bits, tuple(local), bool(ws))(xs, *ws, cent)
   return idx, cb.astype(x.dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _hist_fn(mesh, spec, axes):
+def _hist_fn(mesh, spec, axes, weighted):
+  """Jitted stage 1 for one (mesh, layout): ``(x[, w]) -> (2**18, 2)`` replicated sums."""
   return jax.jit(jax.shard_map(functools.partial(_hist_local, axes=axes), mesh=mesh,
-                               in_specs=(spec, spec), out_specs=P(), check_vma=False))
+                               in_specs=(spec, spec) if weighted else (spec,), out_specs=P(),
+                               check_vma=False))
 
 
 @functools.lru_cache(maxsize=None)
-def _assign_fn(mesh, spec, axes, refine, bits, local):
+def _assign_fn(mesh, spec, axes, refine, bits, local, weighted):
+  """Jitted stage 3 for one (mesh, layout): ``(x[, w], cent) -> (packed indices, cent)``."""
   fn = functools.partial(_assign_local, axes=axes, refine=refine, bits=bits,
                          ishape_local=local, vector_dim=1)
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, P()),
-                               out_specs=(spec, P()), check_vma=False))
+  if not weighted:
+    fn = functools.partial(lambda f, x, c: f(x, None, c), fn)
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, P()) if weighted else
+                               (spec, P()), out_specs=(spec, P()), check_vma=False))
 
 
 # --------------------------------------------------------------------------- groups

@@ -252,7 +252,7 @@ def share(params, k: int = 32, *, axis: int | None = None, group_size: int | Non
         k=o["k"], axis=o["axis"],
         group_size=o["group_size"], vector_dim=o["vector_dim"], method=o["method"],
         init=o["init"],
-        num_atoms=int(num_atoms) if num_atoms is not None else kmeans_lib.default_num_atoms(o["k"]),
+        num_atoms=num_atoms,
         polish_iters=int(polish_iters), max_iters=int(max_iters), tol=float(tol))
     if sharding_lib.named_sharding(x) is not None:  # spread over devices: shard by shard
       indices, codebook = sharding_lib.share_leaf(
