@@ -67,6 +67,20 @@ def share_tensor(auto):
                     idx_bytes=int(r.indices.nbytes)))
   return res
 check("share_tensor_explicit", lambda: share_tensor(False))
+
+def share_dtypes_weights():
+  mesh = mesh_of((2, 4), ("a", "b"))
+  res = []
+  wts = jax.random.uniform(jax.random.key(2), x.shape, jnp.float32)
+  for name, leaf, kw in (("bfloat16", x.astype(jnp.bfloat16), {}),
+                         ("weighted", x, {"weights": {"w": wts}})):
+    r0 = qws_jax.share({"w": leaf}, k=16, **kw)["w"]
+    r = qws_jax.share({"w": jax.device_put(leaf, NamedSharding(mesh, P("a", "b")))}, k=16, **kw)["w"]
+    res.append(dict(case=name, idx_equal=bool(np.array_equal(r0.indices, r.indices)),
+                    cb_equal=bool(np.array_equal(r0.codebook, r.codebook)),
+                    dtype=str(r.codebook.dtype)))
+  return res
+check("share_dtypes_weights", share_dtypes_weights)
 check("share_tensor_auto", lambda: share_tensor(True))
 
 def share_layouts():
@@ -130,7 +144,12 @@ def hashed():
     xs = jax.device_put(x, NamedSharding(mesh, spec))
     h = qws_jax.hash_share({"w": xs}, buckets=4096, init="from_dense")["w"]
     d = qws_jax.unshare({"w": h})["w"]
+    # fan_in init from an abstract sharded leaf: buckets land on the leaf's mesh.
+    abstract = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=xs.sharding)
+    hf = qws_jax.hash_share({"w": abstract}, buckets=4096, key=jax.random.key(0))["w"]
     res.append(dict(case=f"{shape} {spec}", seed_equal=h.seed == h0.seed,
+                    fan_in_on_mesh=hf.buckets.sharding.mesh == mesh
+                    and hf.buckets.sharding.is_fully_replicated,
                     max_diff=float(np.max(np.abs(np.asarray(h.buckets) - np.asarray(h0.buckets)))),
                     buckets_replicated=h.buckets.sharding.is_fully_replicated,
                     dense_diff=float(np.max(np.abs(np.asarray(d) - np.asarray(h0.materialize())))),
@@ -232,6 +251,13 @@ def test_share_per_tensor_bit_identical_on_meshes(results, mode):
     assert r["idx_shard_bytes"] * 8 == r["idx_bytes"], r  # 1/8 of the indices per device
 
 
+def test_share_bfloat16_and_weighted_bit_identical(results):
+  bf16, weighted = _ok(results["share_dtypes_weights"])
+  assert bf16["dtype"] == "bfloat16", bf16
+  for r in (bf16, weighted):
+    assert r["idx_equal"] and r["cb_equal"], r
+
+
 def test_share_per_channel_and_per_group(results):
   per_channel, per_group = _ok(results["share_layouts"])
   for r in (per_channel, per_group):
@@ -258,6 +284,7 @@ def test_no_device_holds_a_full_large_leaf(results):
 def test_hash_share_and_unshare_sharded(results):
   for r in _ok(results["hashed"]):
     assert r["seed_equal"] and r["buckets_replicated"] and r["dense_sharded"], r
+    assert r["fan_in_on_mesh"], r
     assert r["max_diff"] < 1e-5 and r["dense_diff"] < 1e-5, r
 
 

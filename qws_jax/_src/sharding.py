@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -120,19 +119,16 @@ def _group_rows_entry(shape, group_size, entries, mesh):
   """Mesh axes of the row axis of the per-group grid, when groups align with shards."""
   if any(e is not None for e in entries[1:-1]) or len(shape) < 2:
     return None
-  rows_per_shard, rem = divmod(math.prod(shape[:-1]), _count(mesh, entries[0]))
-  if entries[0] is None or rem or rows_per_shard % group_size:
+  n0 = _count(mesh, entries[0])
+  rows_per_shard, rem = divmod(math.prod(shape[:-1]), n0)
+  if entries[0] is None or shape[0] % n0 or rem or rows_per_shard % group_size:
     return None
   return entries[0]
 
 
 def _codebook_entries(x: types.SharedArray, idx_entries) -> list:
-  """Spec entries of the codebook consistent with index entries ``idx_entries``."""
+  """Codebook spec entries (per tensor / per channel) consistent with ``idx_entries``."""
   tail = [None] if x.vector_dim == 1 else [None, None]
-  if x.group_size is not None:
-    mesh_rows = idx_entries[0] if len(x.shape) >= 2 else None
-    # Rows of the matmul view: only axis 0 may be sharded, in whole groups.
-    return [mesh_rows, idx_entries[-1] if len(x.shape) >= 2 else None] + tail
   if x.axis is not None:
     return [idx_entries[x.axis]] + tail
   return tail
@@ -283,7 +279,7 @@ def _centroids_from_hist(stats, key, *, k, method, init, num_atoms, iters):
   return _polish(fw, fm, cent, iters=iters)[0]
 
 
-def _assign_local(x, w, cent, *, axes, refine, bits, ishape_local, vector_dim):
+def _assign_local(x, w, cent, *, axes, refine, bits, ishape_local):
   """Stage 3 on a block: nearest centroid, ``refine`` global Lloyd steps, pack."""
   k = cent.shape[0]
   xf = _local_flat(x).astype(jnp.float32)
@@ -294,7 +290,6 @@ def _assign_local(x, w, cent, *, axes, refine, bits, ishape_local, vector_dim):
     s1 = jax.lax.psum(jax.ops.segment_sum(wf * (xf - cent[assign]), assign, k), axes)
     cent = jnp.sort(cent + jnp.where(sw > 0, s1 / jnp.where(sw > 0, sw, 1.0), 0.0))
     assign = kmeans_lib._assign_sorted(cent, xf)  # pylint: disable=protected-access
-  del vector_dim
   return packing.pack(assign.reshape(ishape_local), bits), cent
 
 
@@ -409,7 +404,7 @@ def _hist_fn(mesh, spec, axes, weighted):
 def _assign_fn(mesh, spec, axes, refine, bits, local, weighted):
   """Jitted stage 3 for one (mesh, layout): ``(x[, w], cent) -> (packed indices, cent)``."""
   fn = functools.partial(_assign_local, axes=axes, refine=refine, bits=bits,
-                         ishape_local=local, vector_dim=1)
+                         ishape_local=local)
   if not weighted:
     fn = functools.partial(lambda f, x, c: f(x, None, c), fn)
   return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, P()) if weighted else
@@ -672,7 +667,7 @@ def tensor_parallel_matmul(x, w: types.SharedArray, matmul):
   mesh, ie = got
   K, N = w.shape
   # The layout the blocks need: codebook consistent with the indices.
-  want = compressed_sharding(dataclasses.replace(w), NamedSharding(mesh, _spec(list(ie))))
+  want = compressed_sharding(w, NamedSharding(mesh, _spec(list(ie))))
   ie = _entries(want.indices.spec, 2)
   if w.axis is not None:
     if _entries(want.codebook.spec, w.codebook.ndim)[0] != ie[w.axis]:

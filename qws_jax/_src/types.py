@@ -74,8 +74,28 @@ def group_ids(shape: tuple[int, ...], axis: int | None, group_size: int | None,
   return None
 
 
+class _Compressed:
+  """Shared protocol of compressed leaves (subclasses define shape and nbytes)."""
+
+  shape: tuple[int, ...]
+  nbytes: int
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def bits_per_weight(self) -> float:
+    """Storage bits per logical weight (codebook / bucket storage included)."""
+    return 8.0 * self.nbytes / max(self.size, 1)
+
+
 @dataclasses.dataclass(frozen=True)
-class SharedArray:
+class SharedArray(_Compressed):
   """A weight tensor stored as codebook indices plus a codebook (weight sharing).
 
   Children (arrays):
@@ -109,14 +129,6 @@ class SharedArray:
     return self.codebook.shape[-1] if self.vector_dim == 1 else self.codebook.shape[-2]
 
   @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64))
-
-  @property
   def layout(self) -> str:
     if self.group_size is not None:
       return "group"
@@ -126,11 +138,6 @@ class SharedArray:
   def nbytes(self) -> int:
     """Bytes really stored: packed indices plus codebook."""
     return _nbytes(self.indices) + _nbytes(self.codebook)
-
-  @property
-  def bits_per_weight(self) -> float:
-    """Storage bits per logical weight, codebook overhead included."""
-    return 8.0 * self.nbytes / max(self.size, 1)
 
   def unpacked_indices(self) -> jax.Array:
     """uint8 indices in the index shape ``shape[:-1] + (shape[-1] // vector_dim,)``."""
@@ -160,7 +167,7 @@ jax.tree_util.register_dataclass(
 
 
 @dataclasses.dataclass(frozen=True)
-class HashedArray:
+class HashedArray(_Compressed):
   """A virtual weight tensor whose values live in ``B`` hashed buckets (HashedNets).
 
   ``V.flat[f] = sign(f) * buckets[bucket(f)]`` with the coordinate hash of
@@ -182,20 +189,8 @@ class HashedArray:
     return self.buckets.shape[0]
 
   @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64))
-
-  @property
   def nbytes(self) -> int:
     return _nbytes(self.buckets)
-
-  @property
-  def bits_per_weight(self) -> float:
-    return 8.0 * self.nbytes / max(self.size, 1)
 
   def bucket_and_sign(self) -> tuple[jax.Array, jax.Array]:
     """int32 bucket index and int8 sign of every element, in ``shape``."""
