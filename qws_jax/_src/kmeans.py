@@ -383,18 +383,46 @@ def _dp_stage(aw, am, *, k):
   return _fill_empty(cent, used)
 
 
-def _finish_stage(x, w, fw, fm, cent, *, iters, refine):
+def _assign_binned(cent, x):
+  """Exact nearest-centroid assignment of histogrammed values in O(n) gathers.
+
+  The cluster of each bin's low edge comes from a table over the bins; a value can only
+  lie in that cluster or a later one, so it steps forward while it is past the next
+  midpoint (usually zero or one step: bins are much narrower than clusters).
+  Same result as `_assign_sorted` (ties go to the lower centroid).
+  """
+  k = cent.shape[0]
+  bins = (_float_key(x) >> _SHIFT).astype(jnp.int32)
+  low = _bin_low(jnp.arange(_NUM_FINE, dtype=jnp.int32))
+  table = _assign_sorted(cent, low)
+  mid = jnp.concatenate([0.5 * (cent[1:] + cent[:-1]), jnp.full((1,), jnp.inf, cent.dtype)])
+  c = table[bins]
+
+  def cond(state):
+    return state[1]
+
+  def body(state):
+    c, _ = state
+    step = (x > mid[c]).astype(jnp.int32)
+    return c + step, jnp.any(step > 0)
+
+  c, _ = jax.lax.while_loop(cond, body, (c, jnp.bool_(True)))
+  return jnp.minimum(c, k - 1)
+
+
+def _finish_stage(x, w, fw, fm, cent, *, iters, refine, hist):
   """Stage 3 (one group): Lloyd polish on the fine atoms, then ``refine`` exact Lloyd
   steps on the raw values (the atoms are binned), exact nearest assignment."""
   k = cent.shape[0]
+  assign_fn = _assign_binned if hist else _assign_sorted
   cent, used, _ = _lloyd_prefix(cent, fw, fm, iters)
   cent = jnp.sort(_fill_empty(cent, used))
-  assign = _assign_sorted(cent, x)
+  assign = assign_fn(cent, x)
   for _ in range(refine):
-    sw = jax.ops.segment_sum(w, assign, k)
-    s1 = jax.ops.segment_sum(w * (x - cent[assign]), assign, k)
+    stats = jax.ops.segment_sum(jnp.stack([w, w * (x - cent[assign])], -1), assign, k)
+    sw, s1 = stats[:, 0], stats[:, 1]
     cent = jnp.sort(cent + jnp.where(sw > 0, s1 / jnp.where(sw > 0, sw, 1.0), 0.0))
-    assign = _assign_sorted(cent, x)
+    assign = assign_fn(cent, x)
   return cent, assign
 
 
@@ -411,9 +439,9 @@ def _dp_batch(aw, am, *, k):
   return jax.vmap(functools.partial(_dp_stage, k=k))(aw, am)
 
 
-@functools.partial(jax.jit, static_argnames=("iters", "refine"))
-def _finish_batch(x, w, fw, fm, cent, *, iters, refine):
-  fn = functools.partial(_finish_stage, iters=iters, refine=refine)
+@functools.partial(jax.jit, static_argnames=("iters", "refine", "hist"))
+def _finish_batch(x, w, fw, fm, cent, *, iters, refine, hist):
+  fn = functools.partial(_finish_stage, iters=iters, refine=refine, hist=hist)
   return jax.vmap(fn)(x, w, fw, fm, cent)
 
 
@@ -443,8 +471,10 @@ def kmeans_1d_batch(x, w, keys, *, k, method="dp", init="linear", num_atoms=None
   else:
     cent = a
     iters = max_iters
-  refine = 2 if size > sort_threshold else 0
-  cent, assign = _finish_batch(x, w, fw, fm, cent, iters=int(iters), refine=refine)
+  hist = size > sort_threshold
+  # one exact Lloyd step on the raw values where bin granularity shows (large k)
+  refine = 1 if hist and k >= 64 else 0
+  cent, assign = _finish_batch(x, w, fw, fm, cent, iters=int(iters), refine=refine, hist=hist)
   return cent, assign[:, :n]
 
 

@@ -54,6 +54,9 @@ from qws_jax._src import packing
 from qws_jax._src import types
 
 SORT_THRESHOLD = 65536  # kmeans_1d_batch's default: larger groups use the histogram
+# Exact Lloyd steps on the raw values after the polish, as `kmeans_1d_batch` runs them for
+# histogrammed rows (keep in sync: tests/test_sharding.py checks bit-identity).
+_REFINE_STEPS = 1
 
 # --------------------------------------------------------------------------- specs
 
@@ -286,8 +289,9 @@ def _assign_local(x, w, cent, *, axes, refine, bits, ishape_local):
   wf = jnp.ones_like(xf) if w is None else _local_flat(w).astype(jnp.float32)
   assign = kmeans_lib._assign_sorted(cent, xf)  # pylint: disable=protected-access
   for _ in range(refine):
-    sw = jax.lax.psum(jax.ops.segment_sum(wf, assign, k), axes)
-    s1 = jax.lax.psum(jax.ops.segment_sum(wf * (xf - cent[assign]), assign, k), axes)
+    stats = jax.ops.segment_sum(jnp.stack([wf, wf * (xf - cent[assign])], -1), assign, k)
+    stats = jax.lax.psum(stats, axes)
+    sw, s1 = stats[:, 0], stats[:, 1]
     cent = jnp.sort(cent + jnp.where(sw > 0, s1 / jnp.where(sw > 0, sw, 1.0), 0.0))
     assign = kmeans_lib._assign_sorted(cent, xf)  # pylint: disable=protected-access
   return packing.pack(assign.reshape(ishape_local), bits), cent
@@ -387,7 +391,7 @@ def _share_tensor(x, w, key, *, mesh, entries, k, method, init, num_atoms, iters
   bits = types.bits_for(k)
   local = [d // _count(mesh, e) for d, e in zip(shape, entries)]
   padded = kmeans_lib._bucket(int(np.prod(shape)), SORT_THRESHOLD)  # pylint: disable=protected-access
-  refine = 2 if padded > SORT_THRESHOLD else 0
+  refine = _REFINE_STEPS if padded > SORT_THRESHOLD else 0
   idx, cb = _assign_fn(mesh, spec, axes, refine, bits, tuple(local), bool(ws))(xs, *ws, cent)
   return idx, cb.astype(x.dtype)
 
