@@ -72,10 +72,11 @@ def share_dtypes_weights():
   mesh = mesh_of((2, 4), ("a", "b"))
   res = []
   wts = jax.random.uniform(jax.random.key(2), x.shape, jnp.float32)
-  for name, leaf, kw in (("bfloat16", x.astype(jnp.bfloat16), {}),
-                         ("weighted", x, {"weights": {"w": wts}})):
-    r0 = qws_jax.share({"w": leaf}, k=16, **kw)["w"]
-    r = qws_jax.share({"w": jax.device_put(leaf, NamedSharding(mesh, P("a", "b")))}, k=16, **kw)["w"]
+  for name, leaf, kw in (("bfloat16", x.astype(jnp.bfloat16), {"k": 16}),
+                         ("weighted", x, {"k": 16, "weights": {"w": wts}}),
+                         ("k64_refined", x, {"k": 64})):  # k >= 64: a psum-ed refinement step
+    r0 = qws_jax.share({"w": leaf}, **kw)["w"]
+    r = qws_jax.share({"w": jax.device_put(leaf, NamedSharding(mesh, P("a", "b")))}, **kw)["w"]
     res.append(dict(case=name, idx_equal=bool(np.array_equal(r0.indices, r.indices)),
                     cb_equal=bool(np.array_equal(r0.codebook, r.codebook)),
                     dtype=str(r.codebook.dtype)))
@@ -118,7 +119,7 @@ def memory():
     local = (2048 // len(devs), 1024)
     cent = jax.device_put(jnp.linspace(-2.0, 2.0, 16), NamedSharding(mesh, P()))
     stages = {"histogram": shd._hist_fn(mesh, P("d"), ("d",), False).lower(big),
-              "assign_refine_pack": shd._assign_fn(mesh, P("d"), ("d",), shd._REFINE_STEPS, 4, local, False
+              "assign_refine_pack": shd._assign_fn(mesh, P("d"), ("d",), 1, 4, local, False
                                                    ).lower(big, cent)}
     for stage, lowered in stages.items():
       c = lowered.compile()
@@ -252,10 +253,10 @@ def test_share_per_tensor_bit_identical_on_meshes(results, mode):
     assert r["idx_shard_bytes"] * 8 == r["idx_bytes"], r  # 1/8 of the indices per device
 
 
-def test_share_bfloat16_and_weighted_bit_identical(results):
-  bf16, weighted = _ok(results["share_dtypes_weights"])
+def test_share_bfloat16_weighted_and_refined_bit_identical(results):
+  bf16, weighted, k64 = _ok(results["share_dtypes_weights"])
   assert bf16["dtype"] == "bfloat16", bf16
-  for r in (bf16, weighted):
+  for r in (bf16, weighted, k64):
     assert r["idx_equal"] and r["cb_equal"], r
 
 

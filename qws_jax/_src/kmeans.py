@@ -83,16 +83,18 @@ def _bin_low(bins: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------- atoms
 
 
+def fine_bin_low() -> jax.Array:
+  """Low edge of every fine bin (0 for the bins of non-finite values)."""
+  low = _bin_low(jnp.arange(_NUM_FINE, dtype=jnp.int32))
+  return jnp.where(jnp.isfinite(low), low, 0.0)
+
+
 def _histogram_atoms(x, w):
-  """Fine atoms from a 2**20-bin histogram: (weight, mean) per bin, sorted by value."""
+  """Fine atoms from a 2**18-bin histogram: (weight, mean) per bin, sorted by value."""
   bins = (_float_key(x) >> _SHIFT).astype(jnp.int32)
-  all_bins = jnp.arange(_NUM_FINE, dtype=jnp.int32)
-  low = _bin_low(all_bins)
-  low = jnp.where(jnp.isfinite(low), low, 0.0)
-  off = x - low[bins]
+  off = x - fine_bin_low()[bins]
   stats = jax.ops.segment_sum(jnp.stack([w, w * off], -1), bins, _NUM_FINE)
-  cw, cs = stats[:, 0], stats[:, 1]
-  mean = low + jnp.where(cw > 0, cs / jnp.where(cw > 0, cw, 1.0), 0.0)
+  cw, mean = hist_means(stats)
   return cw, mean, bins
 
 
@@ -361,11 +363,25 @@ def _init_1d(am, aw, k, init, key):
 
 def _atoms_stage(x, w, key, *, k, method, init, num_atoms, sort_threshold):
   """Stage 1 (one group): fine atoms, then coarse atoms (dp) or initial centroids (lloyd)."""
-  hist = x.shape[0] > sort_threshold
-  if hist:
+  if x.shape[0] > sort_threshold:
     fw, fm, _ = _histogram_atoms(x, w)
   else:
     fw, fm, _ = _sorted_atoms(x, w)
+  return atoms_from_fine(fw, fm, key, k=k, method=method, init=init, num_atoms=num_atoms)
+
+
+def hist_means(stats):
+  """Fine-atom weights and means from histogram sums ``(num_bins, 2)`` of ``(w, w*(x-low))``."""
+  cw, cs = stats[:, 0], stats[:, 1]
+  return cw, fine_bin_low() + jnp.where(cw > 0, cs / jnp.where(cw > 0, cw, 1.0), 0.0)
+
+
+def atoms_from_fine(fw, fm, key, *, k, method, init, num_atoms):
+  """Coarse atoms ``(aw, am)`` for the DP, or initial Lloyd centroids, from fine atoms.
+
+  Returns ``(fw, fm, a, b)``: for ``method="dp"`` ``a, b`` are the coarse atoms' weights
+  and means; otherwise ``a`` is the initial centroids and ``b`` is empty.
+  """
   if method != "dp":
     return fw, fm, _init_1d(fm, fw, k, init, key), jnp.zeros((0,), jnp.float32)
   m = min(num_atoms, fw.shape[0])
@@ -375,6 +391,12 @@ def _atoms_stage(x, w, key, *, k, method, init, num_atoms, sort_threshold):
   off = jax.ops.segment_sum(fw * (fm - lo), ids, m, indices_are_sorted=True)
   am = lo + jnp.where(aw > 0, off / jnp.where(aw > 0, aw, 1.0), 0.0)
   return fw, fm, aw, am
+
+
+def refine_steps(k: int, hist: bool) -> int:
+  """Exact Lloyd steps on the raw values after the polish: one where bin granularity
+  shows (histogrammed rows and large k)."""
+  return 1 if hist and k >= 64 else 0
 
 
 def _dp_stage(aw, am, *, k):
@@ -472,8 +494,7 @@ def kmeans_1d_batch(x, w, keys, *, k, method="dp", init="linear", num_atoms=None
     cent = a
     iters = max_iters
   hist = size > sort_threshold
-  # one exact Lloyd step on the raw values where bin granularity shows (large k)
-  refine = 1 if hist and k >= 64 else 0
+  refine = refine_steps(k, hist)
   cent, assign = _finish_batch(x, w, fw, fm, cent, iters=int(iters), refine=refine, hist=hist)
   return cent, assign[:, :n]
 

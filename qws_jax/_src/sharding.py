@@ -54,11 +54,6 @@ from qws_jax._src import packing
 from qws_jax._src import types
 
 SORT_THRESHOLD = 65536  # kmeans_1d_batch's default: larger groups use the histogram
-# Exact Lloyd steps on the raw values after the polish, as `kmeans_1d_batch` runs them for
-# histogrammed rows (keep in sync: tests/test_sharding.py checks bit-identity).
-_REFINE_STEPS = 1
-
-# --------------------------------------------------------------------------- specs
 
 
 def named_sharding(x) -> NamedSharding | None:
@@ -224,39 +219,18 @@ def _hist_local(x, w=None, *, axes):
   x = _local_flat(x).astype(jnp.float32)
   w = jnp.ones_like(x) if w is None else _local_flat(w).astype(jnp.float32)
   bins = (kmeans_lib._float_key(x) >> kmeans_lib._SHIFT).astype(jnp.int32)  # pylint: disable=protected-access
-  off = x - _fine_low()[bins]
+  off = x - kmeans_lib.fine_bin_low()[bins]
   stats = jax.ops.segment_sum(jnp.stack([w, w * off], -1), bins, kmeans_lib._NUM_FINE)  # pylint: disable=protected-access
   return jax.lax.psum(stats, axes)
 
 
-def _fine_low():
-  low = kmeans_lib._bin_low(jnp.arange(kmeans_lib._NUM_FINE, dtype=jnp.int32))  # pylint: disable=protected-access
-  return jnp.where(jnp.isfinite(low), low, 0.0)
-
-
 @functools.partial(jax.jit, static_argnames=("k", "method", "init", "num_atoms"))
 def _atoms_from_hist(stats, keys, *, k, method, init, num_atoms):
-  """The histogram branch of `qws_jax._src.kmeans._atoms_stage` after the histogram.
-
-  Batched over one group and jitted on its own, exactly like the single-device stage,
-  so that XLA compiles the same arithmetic (bit-identical results).
-  """
-  km = kmeans_lib
-  low = _fine_low()
-
+  """`qws_jax._src.kmeans._atoms_stage` after the histogram, batched over one group."""
   def atoms(stats, key):
-    cw, cs = stats[:, 0], stats[:, 1]
-    fm = low + jnp.where(cw > 0, cs / jnp.where(cw > 0, cw, 1.0), 0.0)
-    fw = cw
-    if method != "dp":
-      return fw, fm, km._init_1d(fm, fw, k, init, key), jnp.zeros((0,), jnp.float32)  # pylint: disable=protected-access
-    m = min(num_atoms, fw.shape[0])
-    ids = km._coarse_ids(fw, fm, m)  # pylint: disable=protected-access
-    aw = jax.ops.segment_sum(fw, ids, m, indices_are_sorted=True)
-    lo = fm[0]
-    off = jax.ops.segment_sum(fw * (fm - lo), ids, m, indices_are_sorted=True)
-    am = lo + jnp.where(aw > 0, off / jnp.where(aw > 0, aw, 1.0), 0.0)
-    return fw, fm, aw, am
+    fw, fm = kmeans_lib.hist_means(stats)
+    return kmeans_lib.atoms_from_fine(fw, fm, key, k=k, method=method, init=init,
+                                      num_atoms=num_atoms)
 
   return jax.vmap(atoms)(stats, keys)
 
@@ -391,7 +365,7 @@ def _share_tensor(x, w, key, *, mesh, entries, k, method, init, num_atoms, iters
   bits = types.bits_for(k)
   local = [d // _count(mesh, e) for d, e in zip(shape, entries)]
   padded = kmeans_lib._bucket(int(np.prod(shape)), SORT_THRESHOLD)  # pylint: disable=protected-access
-  refine = _REFINE_STEPS if padded > SORT_THRESHOLD else 0
+  refine = kmeans_lib.refine_steps(k, padded > SORT_THRESHOLD)
   idx, cb = _assign_fn(mesh, spec, axes, refine, bits, tuple(local), bool(ws))(xs, *ws, cent)
   return idx, cb.astype(x.dtype)
 
