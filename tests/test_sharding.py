@@ -118,7 +118,7 @@ def memory():
     big = jax.device_put(big_host, NamedSharding(mesh, P("d")))
     local = (2048 // len(devs), 1024)
     cent = jax.device_put(jnp.linspace(-2.0, 2.0, 16), NamedSharding(mesh, P()))
-    stages = {"histogram": shd._hist_fn(mesh, P("d"), ("d",), False).lower(big),
+    stages = {"histogram": shd._hist_fn(mesh, P("d"), ("d",), False, 18).lower(big),
               "assign_refine_pack": shd._assign_fn(mesh, P("d"), ("d",), 1, 4, local, False
                                                    ).lower(big, cent)}
     for stage, lowered in stages.items():

@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_FINE_BITS = 18
-_NUM_FINE = 1 << _FINE_BITS
-_SHIFT = 32 - _FINE_BITS
+def fine_bits(k: int) -> int:
+  """Key bits of the fine histogram: 2**16 bins (7 mantissa bits) up to k=32, 2**18
+  (9 mantissa bits) above, where clusters are narrower."""
+  return 16 if k <= 32 else 18
 
 INITS = ("linear", "quantile", "kmeans++")
 METHODS = ("dp", "lloyd")
@@ -71,31 +72,37 @@ def _key_to_float(key: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(u, jnp.float32)
 
 
-def _bin_low(bins: jax.Array) -> jax.Array:
+def _bin_low(bins: jax.Array, bits: int) -> jax.Array:
   """Smallest float32 value in each fine bin (the edge towards -inf)."""
+  shift = 32 - bits
   b = bins.astype(jnp.uint32)
-  lo_key = b << _SHIFT
-  hi_key = lo_key | jnp.uint32((1 << _SHIFT) - 1)
+  lo_key = b << shift
+  hi_key = lo_key | jnp.uint32((1 << shift) - 1)
   # For negative values the key order is reversed in magnitude: the low edge is hi_key.
   return jnp.minimum(_key_to_float(lo_key), _key_to_float(hi_key))
 
 
-# --------------------------------------------------------------------------- atoms
-
-
-def fine_bin_low() -> jax.Array:
+def fine_bin_low(bits: int) -> jax.Array:
   """Low edge of every fine bin (0 for the bins of non-finite values)."""
-  low = _bin_low(jnp.arange(_NUM_FINE, dtype=jnp.int32))
+  low = _bin_low(jnp.arange(1 << bits, dtype=jnp.int32), bits)
   return jnp.where(jnp.isfinite(low), low, 0.0)
 
 
-def _histogram_atoms(x, w):
-  """Fine atoms from a 2**18-bin histogram: (weight, mean) per bin, sorted by value."""
-  bins = (_float_key(x) >> _SHIFT).astype(jnp.int32)
-  off = x - fine_bin_low()[bins]
-  stats = jax.ops.segment_sum(jnp.stack([w, w * off], -1), bins, _NUM_FINE)
-  cw, mean = hist_means(stats)
-  return cw, mean, bins
+def fine_bins(x: jax.Array, bits: int) -> jax.Array:
+  """Fine bin (int32) of each float32 value: the top ``bits`` bits of its ordered key."""
+  return (_float_key(x) >> (32 - bits)).astype(jnp.int32)
+
+
+def hist_stats(x, w, bits: int) -> jax.Array:
+  """Histogram sums ``(2**bits, 2)``: per bin ``sum w`` and ``sum w * (x - bin_low)``."""
+  bins = fine_bins(x, bits)
+  off = x - fine_bin_low(bits)[bins]
+  return jax.ops.segment_sum(jnp.stack([w, w * off], -1), bins, 1 << bits)
+
+
+def _histogram_atoms(x, w, bits: int):
+  """Fine atoms from a histogram: (weight, mean) per bin, sorted by value."""
+  return hist_means(hist_stats(x, w, bits))
 
 
 def _sorted_atoms(x, w):
@@ -364,16 +371,17 @@ def _init_1d(am, aw, k, init, key):
 def _atoms_stage(x, w, key, *, k, method, init, num_atoms, sort_threshold):
   """Stage 1 (one group): fine atoms, then coarse atoms (dp) or initial centroids (lloyd)."""
   if x.shape[0] > sort_threshold:
-    fw, fm, _ = _histogram_atoms(x, w)
+    fw, fm = _histogram_atoms(x, w, fine_bits(k))
   else:
     fw, fm, _ = _sorted_atoms(x, w)
   return atoms_from_fine(fw, fm, key, k=k, method=method, init=init, num_atoms=num_atoms)
 
 
 def hist_means(stats):
-  """Fine-atom weights and means from histogram sums ``(num_bins, 2)`` of ``(w, w*(x-low))``."""
+  """Fine-atom weights and means from histogram sums ``(2**bits, 2)`` (`hist_stats`)."""
+  bits = stats.shape[0].bit_length() - 1
   cw, cs = stats[:, 0], stats[:, 1]
-  return cw, fine_bin_low() + jnp.where(cw > 0, cs / jnp.where(cw > 0, cw, 1.0), 0.0)
+  return cw, fine_bin_low(bits) + jnp.where(cw > 0, cs / jnp.where(cw > 0, cw, 1.0), 0.0)
 
 
 def atoms_from_fine(fw, fm, key, *, k, method, init, num_atoms):
@@ -414,8 +422,9 @@ def _assign_binned(cent, x):
   Same result as `_assign_sorted` (ties go to the lower centroid).
   """
   k = cent.shape[0]
-  bins = (_float_key(x) >> _SHIFT).astype(jnp.int32)
-  low = _bin_low(jnp.arange(_NUM_FINE, dtype=jnp.int32))
+  bits = fine_bits(k)
+  bins = fine_bins(x, bits)
+  low = _bin_low(jnp.arange(1 << bits, dtype=jnp.int32), bits)
   table = _assign_sorted(cent, low)
   mid = jnp.concatenate([0.5 * (cent[1:] + cent[:-1]), jnp.full((1,), jnp.inf, cent.dtype)])
   c = table[bins]
@@ -500,11 +509,14 @@ def kmeans_1d_batch(x, w, keys, *, k, method="dp", init="linear", num_atoms=None
 
 
 def _bucket(n: int, sort_threshold: int) -> int:
-  """Padded row length: a power of two (>= 256) up to the threshold, else a multiple
-  of 2**16."""
+  """Padded row length: a power of two (>= 256) up to the threshold, a multiple of
+  2**16 up to 2**22, and ``n`` itself above (where a padding copy would cost more than
+  the compilations it saves)."""
   if n <= sort_threshold:
     return max(256, 1 << (n - 1).bit_length())
-  return -(-n // 65536) * 65536
+  if n <= 1 << 22:
+    return -(-n // 65536) * 65536
+  return n
 
 
 def default_num_atoms(k: int, n: int | None = None, sort_threshold: int = 65536) -> int:
@@ -594,6 +606,18 @@ def _vector_kmeans_jit(x, w, key, *, k, init, max_iters, tol):
 # --------------------------------------------------------------------------- public
 
 
+@jax.jit
+def _all_finite(x):
+  return jnp.all(jnp.isfinite(x))
+
+
+@jax.jit
+def _inertia(x, w, cent, assign):
+  d = x - cent[assign]
+  d2 = d * d if x.ndim == 1 else jnp.sum(d * d, -1)
+  return jnp.sum(w * d2)
+
+
 def kmeans(x: jax.typing.ArrayLike, k: int, *, weights: jax.typing.ArrayLike | None = None,
            method: str = "dp", init: str = "linear", num_atoms: int | None = None,
            polish_iters: int = 1000, max_iters: int = 300, tol: float = 1e-6,
@@ -649,7 +673,7 @@ def kmeans(x: jax.typing.ArrayLike, k: int, *, weights: jax.typing.ArrayLike | N
     raise TypeError(f"kmeans needs floating data, got dtype {x.dtype}")
   if x.ndim not in (1, 2) or x.shape[0] == 0:
     raise ValueError(f"kmeans needs a non-empty (n,) or (n, d) array, got shape {x.shape}")
-  if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+  if not isinstance(x, jax.core.Tracer) and not bool(_all_finite(x)):
     raise ValueError("kmeans input has NaN or Inf values")
   xf = x.astype(jnp.float32)
   n = x.shape[0]
@@ -666,9 +690,9 @@ def kmeans(x: jax.typing.ArrayLike, k: int, *, weights: jax.typing.ArrayLike | N
         xf[None], w[None], key[None], k=k, method=method, init=init, num_atoms=num_atoms,
         polish_iters=polish_iters, max_iters=max_iters, sort_threshold=sort_threshold)
     cent, assign = cent[0], assign[0]
-    inertia = jnp.sum(w * (xf - cent[assign]) ** 2)
+    inertia = _inertia(xf, w, cent, assign)
   else:
     cent, assign = _vector_kmeans_jit(xf, w, key, k=k, init=init, max_iters=int(max_iters),
                                       tol=float(tol))
-    inertia = jnp.sum(w * jnp.sum((xf - cent[assign]) ** 2, -1))
+    inertia = _inertia(xf, w, cent, assign)
   return KMeansResult(cent, assign, inertia)

@@ -6,12 +6,12 @@ of the leaf, and the statistics that must be global are reduced with ``jax.lax.p
 
 Per-tensor k-means (`share_leaf`, the 1-D histogram path of `qws_jax.kmeans`):
 
-1. **Histogram** (``shard_map``): each device bins its block into the 2**18 fine bins
+1. **Histogram** (``shard_map``): each device bins its block into the 2**16 (k <= 32) or 2**18 fine bins
    of `qws_jax._src.kmeans` and ``psum`` s the ``(weight, weighted offset)`` sums. Every
    offset is an exact multiple of its bin's ulp, so for unweighted k-means these sums
    are exact (order-independent) while a bin holds fewer than 2**10 values -- the
    result is then bit-identical to the single-device histogram.
-2. **Coarse atoms, exact DP, Lloyd polish** on the replicated ``2**18``-bin histogram
+2. **Coarse atoms, exact DP, Lloyd polish** on the replicated fine-bin histogram
    (no leaf-sized data), with the very jitted stages of the single-device path.
 3. **Assignment and refinement** (``shard_map``): each device assigns its block to the
    nearest centroid; the two refinement steps ``psum`` their per-cluster sums; each
@@ -214,14 +214,11 @@ def _local_flat(x):
   return x.reshape(-1)
 
 
-def _hist_local(x, w=None, *, axes):
+def _hist_local(x, w=None, *, axes, bits):
   """Local fine-bin statistics of a block, summed over the mesh ``axes``."""
   x = _local_flat(x).astype(jnp.float32)
   w = jnp.ones_like(x) if w is None else _local_flat(w).astype(jnp.float32)
-  bins = (kmeans_lib._float_key(x) >> kmeans_lib._SHIFT).astype(jnp.int32)  # pylint: disable=protected-access
-  off = x - kmeans_lib.fine_bin_low()[bins]
-  stats = jax.ops.segment_sum(jnp.stack([w, w * off], -1), bins, kmeans_lib._NUM_FINE)  # pylint: disable=protected-access
-  return jax.lax.psum(stats, axes)
+  return jax.lax.psum(kmeans_lib.hist_stats(x, w, bits), axes)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "method", "init", "num_atoms"))
@@ -356,7 +353,7 @@ def _share_tensor(x, w, key, *, mesh, entries, k, method, init, num_atoms, iters
   xs = jax.device_put(x, NamedSharding(mesh, spec))
   # Unweighted: the unit weights are made block by block inside the stages.
   ws = () if w is None else (jax.device_put(w, NamedSharding(mesh, spec)),)
-  stats = _hist_fn(mesh, spec, axes, bool(ws))(xs, *ws)
+  stats = _hist_fn(mesh, spec, axes, bool(ws), kmeans_lib.fine_bits(k))(xs, *ws)
   # The histogram is replicated: stage 2 runs on one local copy (no leaf-sized data).
   stats0 = stats.addressable_shards[0].data
   cent = _centroids_from_hist(stats0, jax.device_put(key, stats0.sharding), k=k,
@@ -371,9 +368,9 @@ def _share_tensor(x, w, key, *, mesh, entries, k, method, init, num_atoms, iters
 
 
 @functools.lru_cache(maxsize=None)
-def _hist_fn(mesh, spec, axes, weighted):
-  """Jitted stage 1 for one (mesh, layout): ``(x[, w]) -> (2**18, 2)`` replicated sums."""
-  return jax.jit(jax.shard_map(functools.partial(_hist_local, axes=axes), mesh=mesh,
+def _hist_fn(mesh, spec, axes, weighted, bits):
+  """Jitted stage 1 for one (mesh, layout): ``(x[, w]) -> (2**bits, 2)`` replicated sums."""
+  return jax.jit(jax.shard_map(functools.partial(_hist_local, axes=axes, bits=bits), mesh=mesh,
                                in_specs=(spec, spec) if weighted else (spec,), out_specs=P(),
                                check_vma=False))
 
