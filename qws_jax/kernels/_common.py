@@ -57,7 +57,7 @@ class BlockSizes:
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 2
-  xla_block_k: int = 256
+  xla_block_k: int = 512
   split_k: int | None = None
 
   def __post_init__(self):
