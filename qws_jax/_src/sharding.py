@@ -482,6 +482,18 @@ def _shard_offsets(mesh, entries, local):
   return offs
 
 
+def _global_flat_index(mesh, entries, local, strides):
+  """uint32 flat C-order index (in the whole leaf) of every element of this device's block."""
+  offs = _shard_offsets(mesh, entries, local)
+  f = jnp.zeros(local, jnp.uint32)
+  for i, (o, n) in enumerate(zip(offs, local)):
+    shp = [1] * len(local)
+    shp[i] = n
+    c = (o + jnp.arange(n, dtype=jnp.int32)).astype(jnp.uint32).reshape(shp)
+    f = f + c * jnp.uint32(strides[i])
+  return f
+
+
 def materialize(x, sharding: NamedSharding | None = None):
   """Dense value of a compressed leaf whose arrays live on several devices, block by block.
 
@@ -540,13 +552,7 @@ def materialize(x, sharding: NamedSharding | None = None):
     strides = [int(np.prod(x.shape[i + 1:], dtype=np.int64)) for i in range(len(x.shape))]
 
     def local_fn(buckets):
-      offs = _shard_offsets(mesh, entries, local)
-      f = jnp.zeros(local, jnp.uint32)
-      for i, (o, n) in enumerate(zip(offs, local)):
-        shp = [1] * len(local)
-        shp[i] = n
-        c = (o + jnp.arange(n, dtype=jnp.int32)).astype(jnp.uint32).reshape(shp)
-        f = f + c * jnp.uint32(strides[i])
+      f = _global_flat_index(mesh, entries, local, strides)
       b, sg = hashing.bucket_and_sign(f, x.seed, x.num_buckets, x.signed)
       return (jnp.take(buckets, b, axis=0) * sg.astype(buckets.dtype)).astype(x.dtype)
 
@@ -581,13 +587,7 @@ def from_dense_buckets(w: jax.Array, seed: int, num_buckets: int, signed: bool):
   axes = tuple(mesh.axis_names)
 
   def local_fn(wl):
-    offs = _shard_offsets(mesh, entries, local)
-    f = jnp.zeros(local, jnp.uint32)
-    for i, (o, n) in enumerate(zip(offs, local)):
-      shp = [1] * len(local)
-      shp[i] = n
-      c = (o + jnp.arange(n, dtype=jnp.int32)).astype(jnp.uint32).reshape(shp)
-      f = f + c * jnp.uint32(strides[i])
+    f = _global_flat_index(mesh, entries, local, strides)
     b, sg = hashing.bucket_and_sign(f.reshape(-1), seed, num_buckets, signed)
     vals = wl.reshape(-1).astype(jnp.float32) * sg.astype(jnp.float32)
     total = jax.ops.segment_sum(vals, b, num_segments=num_buckets)
