@@ -236,8 +236,7 @@ def _dense(module: nn.Dense, inputs):
       or not _default_promote(module) or len(w.shape) != 2):
     return _FALLBACK
   x = jnp.asarray(inputs)
-  bias = _dense_param(module, "bias") if module.use_bias else None
-  dtype = module.dtype or jnp.result_type(x.dtype, w.dtype, *([bias.dtype] if bias is not None else []))
+  bias, dtype = _bias_and_dtype(module, x, w)
   x = x.astype(dtype)
   y = compressed_matmul(x.reshape(-1, w.shape[0]), _cast(w, dtype), precision=module.precision)
   y = y.reshape(x.shape[:-1] + (w.shape[1],))
@@ -262,8 +261,7 @@ def _dense_general(module: nn.DenseGeneral, inputs):
   w2 = matrix_view(w, len(axis))
   if w2 is None:
     return _FALLBACK
-  bias = _dense_param(module, "bias") if module.use_bias else None
-  dtype = module.dtype or jnp.result_type(x.dtype, w.dtype, *([bias.dtype] if bias is not None else []))
+  bias, dtype = _bias_and_dtype(module, x, w)
   x = x.astype(dtype)
   nb = x.ndim - len(axis)
   xt = jnp.moveaxis(x, axis, tuple(range(nb, x.ndim)))
@@ -273,6 +271,14 @@ def _dense_general(module: nn.DenseGeneral, inputs):
   if bias is not None:
     y = _bias_add(y, bias, (1,) * nb + features)
   return y
+
+
+def _bias_and_dtype(module, x, w):
+  """The layer's (dense) bias or None, and its computation dtype as flax promotes it."""
+  bias = _dense_param(module, "bias") if module.use_bias else None
+  dtype = module.dtype or jnp.result_type(x.dtype, w.dtype,
+                                          *([bias.dtype] if bias is not None else []))
+  return bias, dtype
 
 
 def _normalize_features(f):
@@ -302,8 +308,7 @@ def _einsum(module: nn.Einsum, inputs, einsum_str=None):
   w2 = matrix_view(w, len(contracted))
   if w2 is None:
     return _FALLBACK
-  bias = _dense_param(module, "bias") if module.use_bias else None
-  dtype = module.dtype or jnp.result_type(x.dtype, w.dtype, *([bias.dtype] if bias is not None else []))
+  bias, dtype = _bias_and_dtype(module, x, w)
   x = x.astype(dtype)
   lf, ct, kf = "".join(lfree), "".join(contracted), "".join(kfree)
   xt = jnp.einsum(f"{lhs}->{lf}{ct}", x)

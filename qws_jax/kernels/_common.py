@@ -141,6 +141,15 @@ def resolve_impl(impl: str | None, pallas_unsupported: str | None) -> str:
   return impl
 
 
+def block_sizes_or_default(block_sizes) -> "BlockSizes":
+  """``BlockSizes()`` for None; a TypeError for anything but a `BlockSizes`."""
+  if block_sizes is None:
+    return BlockSizes()
+  if not isinstance(block_sizes, BlockSizes):
+    raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+  return block_sizes
+
+
 def check_x(x, k: int, what: str):
   """Validates activations ``x (..., K)``; returns it as a floating jax.Array."""
   x = jnp.asarray(x)

@@ -302,10 +302,7 @@ def hashed_matmul(x: jax.typing.ArrayLike, w: HashedArray, *, impl: str | None =
                      f" {hashing.SUPPORTED_HASH_VERSIONS}")
   if w.size >= 2**32:
     raise ValueError(f"virtual size {w.size} of w.shape={w.shape} does not fit the uint32 hash")
-  if block_sizes is None:
-    block_sizes = BlockSizes()
-  elif not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+  block_sizes = _common.block_sizes_or_default(block_sizes)
   K, N = w.shape
   x = _common.check_x(x, K, f"w.shape={w.shape}")
   no_tpu = ("the TPU (Mosaic) backend has no gather from the bucket table; use impl='xla'"

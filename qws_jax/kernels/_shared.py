@@ -243,19 +243,24 @@ def _shared_kernel(x_ref, p_ref, cb_ref, o_ref, *, spec: _Spec, bk: int, nkb: in
     o_ref[0, :, :, p] = acc.astype(o_ref.dtype)
 
 
+def _tiles(m: int, spec: _Spec):
+  """Tile geometry of the Triton kernels: clamped block sizes, the block of packed byte
+  columns ``bnb`` (a power of two), and the padded extents ``mp, kp, nbp``."""
+  bs = spec.bs.clamp(m, spec.K, spec.N)
+  bm, bk = bs.block_m, bs.block_k
+  target = max(bs.block_n // spec.g, 1)
+  bnb = _common.largest_pow2_divisor_at_most(spec.ncols, target)
+  if bnb < min(target, 16):
+    bnb = min(target, _common.next_pow2(spec.ncols))
+  return (bs, bm, bk, bnb, _common.round_up(m, bm), _common.round_up(spec.K, bk),
+          _common.round_up(spec.ncols, bnb))
+
+
 def _pallas_forward(x2, indices, codebook, spec: _Spec, interpret: bool):
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   m = x2.shape[0]
   g = spec.g
-  bs = spec.bs.clamp(m, spec.K, spec.N)
-  bm, bk = bs.block_m, bs.block_k
-  target = max(bs.block_n // g, 1)
-  bnb = _common.largest_pow2_divisor_at_most(spec.ncols, target)
-  if bnb < min(target, 16):
-    bnb = min(target, _common.next_pow2(spec.ncols))
-  mp = _common.round_up(m, bm)
-  kp = _common.round_up(spec.K, bk)
-  nbp = _common.round_up(spec.ncols, bnb)
+  bs, bm, bk, bnb, mp, kp, nbp = _tiles(m, spec)
   xp = _common.pad_axis(_common.pad_axis(x2, 0, mp), 1, kp)
   ip = _common.pad_axis(_common.pad_axis(indices, 0, kp), 1, nbp)
   cb = codebook.reshape(-1).astype(x2.dtype)
@@ -310,14 +315,7 @@ def _pallas_dx(g, indices, codebook, spec: _Spec, interpret: bool):
   """``g @ w.T`` by the Triton kernel (transposed product; the weight is decoded in tiles)."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   m, G = g.shape[0], spec.g
-  bs = spec.bs.clamp(m, spec.K, spec.N)
-  bm, bk = bs.block_m, bs.block_k
-  target = max(bs.block_n // G, 1)
-  bnb = _common.largest_pow2_divisor_at_most(spec.ncols, target)
-  if bnb < min(target, 16):
-    bnb = min(target, _common.next_pow2(spec.ncols))
-  mp, kp, nbp = (_common.round_up(m, bm), _common.round_up(spec.K, bk),
-                 _common.round_up(spec.ncols, bnb))
+  bs, bm, bk, bnb, mp, kp, nbp = _tiles(m, spec)
   gp = _common.pad_axis(_common.pad_axis(g, 1, nbp * G), 0, mp).reshape(mp, nbp, G)
   ip = _common.pad_axis(_common.pad_axis(indices, 0, kp), 1, nbp)
   cb = codebook.reshape(-1).astype(g.dtype)
@@ -524,10 +522,7 @@ def shared_matmul(x: jax.typing.ArrayLike, w: SharedArray, *, impl: str | None =
     raise TypeError(f"w must be a qws_jax.SharedArray, got {type(w).__name__}")
   if w.ndim != 2:
     raise ValueError(f"shared_matmul needs a 2-D weight (K, N), got w.shape={w.shape}")
-  if block_sizes is None:
-    block_sizes = BlockSizes()
-  elif not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+  block_sizes = _common.block_sizes_or_default(block_sizes)
   K, N = w.shape
   x = _common.check_x(x, K, f"w.shape={w.shape}")
   kernel = _common.pallas_kernel()
