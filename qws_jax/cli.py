@@ -141,8 +141,14 @@ def _cmd_compress(args) -> int:
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from qws_jax._src import checkpoint  # pylint: disable=g-import-not-at-top
   from qws_jax._src import tree as tree_lib  # pylint: disable=g-import-not-at-top
-  if os.path.exists(args.out) and not args.force:
-    raise CliError(f"output {args.out!r} already exists; pass --force to replace it")
+  if os.path.lexists(args.out):
+    if not args.force:
+      raise CliError(f"output {args.out!r} already exists; pass --force to replace it")
+    out_real, in_real = os.path.realpath(args.out), os.path.realpath(args.input)
+    if in_real == out_real or in_real.startswith(out_real.rstrip(os.sep) + os.sep):
+      raise CliError(f"output {args.out!r} holds the input {args.input!r}; --force never"
+                     " replaces the input: write to another directory")
+    checkpoint.check_replaceable(os.path.abspath(args.out))  # before the long work
   if not 2 <= args.k <= 256:
     raise CliError(f"--k must be in [2, 256], got {args.k}")
   for flag in ("include", "exclude"):
@@ -234,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="1-D k-means: 'dp' (near-optimal, the default; compiles once per"
                       " leaf shape) or 'lloyd' (Deep Compression's linear-init Lloyd)")
   c.add_argument("--no-zstd", action="store_true", help="store the array chunks uncompressed")
-  c.add_argument("--force", action="store_true", help="replace OUT if it exists")
+  c.add_argument("--force", action="store_true", help="replace OUT if it is a qws_jax checkpoint")
   c.add_argument("--quiet", action="store_true", help="no progress bar, no report")
   c.set_defaults(fn=_cmd_compress)
   i = sub.add_parser("inspect", help="per-leaf report of a compressed checkpoint")
@@ -257,12 +263,14 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:
     print(f"{_PROG}: interrupted", file=sys.stderr)
     return 130
-  except (CliError, FileNotFoundError, FileExistsError, ValueError, TypeError,
-          NotImplementedError, OSError) as e:
+  except Exception as e:  # pylint: disable=broad-except  (one line, never a traceback)
     if os.environ.get("QWS_JAX_DEBUG"):
       raise
     msg = " ".join(str(e).split())
-    print(f"{_PROG}: error: {msg}", file=sys.stderr)
+    if not isinstance(e, (CliError, FileNotFoundError, FileExistsError, ValueError, TypeError,
+                          NotImplementedError, OSError)):
+      msg = f"{type(e).__name__}: {msg} (set QWS_JAX_DEBUG=1 for the traceback)"
+    print(f"{_PROG}: error: {msg[:2000]}", file=sys.stderr)
     return 1
 
 

@@ -80,7 +80,7 @@ def test_compress_safetensors_then_inspect(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in weights:
     assert name in proc.stdout
-  assert "qws_jax format v1" in proc.stdout and "total: 4 leaves (2 compressed)" in proc.stdout
+  assert "qws_jax format v2" in proc.stdout and "total: 4 leaves (2 compressed)" in proc.stdout
   # A corrupt checkpoint: one-line error, non-zero exit.
   with open(out / "qws_jax" / "metadata", "w") as f:
     f.write("{not json")

@@ -69,7 +69,7 @@ def test_validate_catches_bad_nodes():
   with pytest.raises(TypeError, match="dtype"):
     qws_jax.validate_shared_array(dataclasses.replace(w, codebook=w.codebook.astype(jnp.bfloat16)))
   big = dataclasses.replace(w, codebook=w.codebook[:12])  # 4 bits, but indices reach 15
-  with pytest.raises(ValueError, match=">= k=12"):
+  with pytest.raises(ValueError, match=r"past the end of the codebook \(k=12\)"):
     qws_jax.validate_shared_array(big)
 
 

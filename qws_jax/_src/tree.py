@@ -15,23 +15,65 @@ from qws_jax._src import types
 Predicate = Callable[[str, Any], bool]
 
 
-def path_str(path) -> str:
-  """``"params/Dense_0/kernel"`` for a jax key path (NNX ``.value`` suffixes dropped)."""
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      if key.name == "value":  # flax.nnx Variable payload
-        continue
-      parts.append(str(key.name))
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(key.key))
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
+def _key_part(key):
+  """The plain key of one key-path entry (None for an NNX ``.value`` payload)."""
+  if isinstance(key, jax.tree_util.DictKey):
+    return key.key
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return key.idx
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return None if key.name == "value" else key.name  # flax.nnx Variable payload
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return key.key
+  return str(key)
+
+
+def path_keys(path) -> tuple:
+  """The key tuple of a jax key path: ``("params", "Dense_0", "kernel")``.
+
+  Keys keep their type (``0`` and ``"0"`` differ) and a key holding ``"/"`` stays one
+  key, so two different leaves never get the same tuple. Use it to match leaves
+  between trees; `path_str` is for display and regex rules.
+  """
+  return tuple(p for p in map(_key_part, path) if p is not None)
+
+
+def _escape(part) -> str:
+  s = str(part)
+  return s.replace("\\", "\\\\").replace("/", "\\/") if isinstance(part, str) else s
+
+
+class LeafPath(str):
+  """A leaf's path string (``"params/Dense_0/kernel"``) that also carries its key tuple.
+
+  It is a ``str`` for messages and regex rules; ``.keys`` (see `path_keys`) is what
+  matching between trees uses, so keys such as ``"a/b"`` never collide with nesting.
+  """
+
+  keys: tuple
+
+  def __new__(cls, path):
+    keys = path_keys(path)
+    self = super().__new__(cls, "/".join(_escape(k) for k in keys))
+    self.keys = keys
+    return self
+
+
+def path_str(path) -> LeafPath:
+  """``"params/Dense_0/kernel"`` for a jax key path (NNX ``.value`` suffixes dropped).
+
+  A ``"/"`` or ``"\\"`` inside a key is escaped with a backslash (``"a\\/b"``), so
+  different leaves have different strings. The result is a `LeafPath`.
+  """
+  return LeafPath(path)
+
+
+def leaves_by_keys(tree, *, is_leaf=None) -> dict:
+  """``{path_keys: leaf}`` of a pytree's leaves (``None`` leaves are left out)."""
+  out = {}
+  for p, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf):
+    out[path_keys(p)] = leaf
+  return out
 
 
 def is_array_like(x) -> bool:
@@ -43,10 +85,63 @@ def is_floating(x) -> bool:
   return jnp.issubdtype(x.dtype, jnp.floating)
 
 
+# Names that are never matmul weights (last path key, or its last "."-separated part for
+# flat checkpoint names such as "encoder.layer.0.attention.self.query.bias").
+_NOT_WEIGHT_NAMES = frozenset({"bias", "b", "scale", "mean", "var", "variance", "gamma",
+                               "beta", "running_mean", "running_var", "num_batches_tracked"})
+# Position embeddings (learned or fixed tables added to activations, not used as a matmul
+# weight) and normalisation layers, recognised in the leaf's name or its module's name.
+_NOT_WEIGHT_PATTERN = re.compile(r"pos_?emb|posemb|position|norm|(^|[._/])ln(_?\d*|f)([._/]|$)")
+
+
+def _leaf_names(path) -> tuple[str, str]:
+  """``(module name, leaf name)`` in lower case from a path string or `LeafPath`."""
+  keys = getattr(path, "keys", None)
+  if keys is None:
+    keys = tuple(str(path).split("/"))
+  keys = tuple(str(k) for k in keys) or ("",)
+  *parents, last = keys
+  if "." in last:  # a flat name from a .safetensors / torch checkpoint
+    *dotted, last = last.split(".")
+    parents = parents + [".".join(dotted)]
+  return (parents[-1] if parents else "").lower(), last.lower()
+
+
 def default_predicate(path: str, leaf) -> bool:
-  """Floating leaves with ``ndim >= 2`` and at least 1024 elements (kernels, embeddings)."""
-  del path
-  return is_floating(leaf) and len(leaf.shape) >= 2 and int(np.prod(leaf.shape)) >= 1024
+  """The default selection: matmul weights (kernels, embedding tables, Einsum weights).
+
+  A leaf is selected when all of these hold:
+
+  * it is floating, has ``ndim >= 2`` and at least 1024 elements (the role of a matmul
+    weight; smaller tables cost more in codebook than they save);
+  * its name (the last path key; for flat checkpoint names such as ``"a.b.weight"`` the
+    part after the last ``"."``) is not a bias, norm or statistics name (``bias``,
+    ``b``, ``scale``, ``mean``, ``var``, ``gamma``, ``beta``...): so the ``(heads,
+    head_dim)`` q/k/v biases of ``MultiHeadDotProductAttention`` are never selected;
+  * neither its name nor its module's name is a position embedding (``pos_embedding``,
+    ``posembed_input``, ``position_embeddings``...) or a normalisation layer (``norm``,
+    ``ln_1``...).
+
+  So ``kernel`` (Dense, DenseGeneral, Einsum, Conv, NNX ``Linear`` / ``Einsum`` /
+  ``Conv``, the hashed layers), ``embedding`` (``Embed``), Gemma-style Einsum ``w``
+  and flat ``*.weight`` matrices are selected; use ``predicate=`` or `Rule` for
+  anything else.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> default_predicate("params/Dense_0/kernel", jnp.zeros((64, 32)))
+    True
+    >>> default_predicate("params/attn/query/bias", jnp.zeros((16, 64)))
+    False
+    >>> default_predicate("params/posembed_input/pos_embedding", jnp.zeros((1, 197, 768)))
+    False
+  """
+  if not is_floating(leaf) or len(leaf.shape) < 2 or int(np.prod(leaf.shape)) < 1024:
+    return False
+  module, name = _leaf_names(path)
+  if name in _NOT_WEIGHT_NAMES:
+    return False
+  return not (_NOT_WEIGHT_PATTERN.search(name) or _NOT_WEIGHT_PATTERN.search(module))
 
 
 @dataclasses.dataclass(frozen=True, init=False)

@@ -26,7 +26,7 @@ def bits_for(k: int) -> int:
 
 
 def _nbytes(a) -> int:
-  return int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+  return math.prod(int(d) for d in a.shape) * np.dtype(a.dtype).itemsize
 
 
 def index_shape(shape: tuple[int, ...], vector_dim: int) -> tuple[int, ...]:
@@ -74,6 +74,179 @@ def group_ids(shape: tuple[int, ...], axis: int | None, group_size: int | None,
   return None
 
 
+# ----------------------------------------------------------------------------- schema
+#
+# Each compressed leaf type declares its fields once, with `_child` (an array child of
+# the pytree node) or `_static(codec)` (static metadata and how it is written to JSON).
+# The pytree registration, `children`, `to_meta` and `from_meta` are all derived from
+# those declarations, so a new part of a leaf is added in one place and is then saved,
+# restored and validated everywhere (checkpoints, `qws-jax inspect`, the sharded path).
+
+LEAF_DTYPES = ("float16", "bfloat16", "float32", "float64")
+MAX_NDIM = 32
+DEFAULT_MAX_BYTES = 2**32  # largest leaf `from_meta` accepts unless told otherwise
+
+
+def _child(default=dataclasses.MISSING):
+  return dataclasses.field(default=default, metadata={"qws": "child"})
+
+
+def _static(codec: str, default=dataclasses.MISSING):
+  return dataclasses.field(default=default, metadata={"qws": "static", "codec": codec})
+
+
+_KINDS: dict[str, type] = {}
+
+
+def _register(cls, kind: str) -> None:
+  fields = dataclasses.fields(cls)
+  cls._qws_kind = kind
+  cls._qws_children = tuple(f.name for f in fields if f.metadata.get("qws") == "child")
+  cls._qws_static = tuple((f.name, f.metadata["codec"]) for f in fields
+                          if f.metadata.get("qws") == "static")
+  _KINDS[kind] = cls
+  jax.tree_util.register_dataclass(cls, data_fields=list(cls._qws_children),
+                                   meta_fields=[n for n, _ in cls._qws_static])
+
+
+def _encode_static(codec: str, v):
+  if codec == "shape":
+    return [int(d) for d in v]
+  if codec == "dtype":
+    return np.dtype(v).name
+  if codec == "bool":
+    return bool(v)
+  return None if v is None else int(v)
+
+
+def _decode_static(codec: str, v, name: str, where: str):
+  def bad(why):
+    return ValueError(f"{name}={v!r} {why}{where}")
+
+  def is_int(u):
+    return isinstance(u, (int, np.integer)) and not isinstance(u, (bool, np.bool_))
+  if codec == "shape":
+    if not isinstance(v, (list, tuple)) or len(v) > MAX_NDIM:
+      raise bad(f"is not a list of at most {MAX_NDIM} dimensions")
+    if not all(is_int(d) and 0 <= d < 2**62 for d in v):
+      raise bad("has a dimension that is not an int in [0, 2**62)")
+    return tuple(int(d) for d in v)
+  if codec == "dtype":
+    if not isinstance(v, str) or v not in LEAF_DTYPES:
+      raise bad(f"is not one of {LEAF_DTYPES}")
+    return jnp.dtype(v)
+  if codec == "bool":
+    if not isinstance(v, bool):
+      raise bad("is not a bool")
+    return v
+  if codec == "opt_int" and v is None:
+    return None
+  if not is_int(v) or not -2**62 <= v < 2**62:
+    raise bad("is not an int")
+  return int(v)
+
+
+def leaf_kind(x) -> str:
+  """``"shared"`` or ``"hashed"``: the schema name of a compressed leaf's type."""
+  return type(x)._qws_kind
+
+
+def children(x) -> dict[str, Any]:
+  """The array children of a compressed leaf by field name (``None`` for absent parts)."""
+  return {n: getattr(x, n) for n in type(x)._qws_children}
+
+
+def to_meta(x) -> dict:
+  """The static metadata of a compressed leaf as a JSON-able dict (no arrays).
+
+  ``{"kind": "shared", "shape": [...], "dtype": "float32", "bits": 4, ...}``; its
+  inverse is `from_meta`. Every static field of the leaf type is written.
+  """
+  cls = type(x)
+  out = {"kind": cls._qws_kind}
+  for name, codec in cls._qws_static:
+    out[name] = _encode_static(codec, getattr(x, name))
+  return out
+
+
+def from_meta(meta, arrays, path: str = "", *, check_values: bool = True,
+              max_bytes: int | None = DEFAULT_MAX_BYTES):
+  """Rebuilds a compressed leaf from `to_meta` output and its arrays, and validates it.
+
+  Meant for untrusted input (checkpoint files): it looks up the leaf type in a fixed
+  table (it never imports or calls anything the metadata names), checks every field's
+  type and range, refuses unknown or missing fields, and runs the full validation of
+  the leaf type (`validate_shared_array` / `validate_hashed_array`) with the value
+  checks (every index ``< k``, finite codebook) and the size limit.
+
+  Args:
+    meta: the dict written by `to_meta`.
+    arrays: ``{child name: array or None}`` (numpy or jax arrays).
+    path: the leaf's path, for messages.
+    check_values: run the value checks (they read the arrays).
+    max_bytes: the largest logical size (``size * itemsize`` of the dense leaf) and
+      the largest stored array accepted, in bytes; None for no limit.
+
+  Returns:
+    The `SharedArray` or `HashedArray`.
+
+  Raises:
+    ValueError: anything wrong, naming ``path`` and the field.
+  """
+  where = f" at {path!r}" if path else ""
+  if not isinstance(meta, dict):
+    raise ValueError(f"leaf metadata{where} is {type(meta).__name__}, not a dict")
+  kind = meta.get("kind")
+  cls = _KINDS.get(kind) if isinstance(kind, str) else None
+  if cls is None:
+    raise ValueError(f"unknown compressed leaf kind {kind!r}{where}; this qws_jax knows"
+                     f" {sorted(_KINDS)}")
+  names = {n for n, _ in cls._qws_static}
+  unknown = sorted(set(meta) - names - {"kind"})
+  if unknown:
+    raise ValueError(f"{kind} leaf{where} has unknown field(s) {unknown}; written by a newer"
+                     " qws_jax?")
+  fields = {}
+  for name, codec in cls._qws_static:
+    if name not in meta:
+      raise ValueError(f"{kind} leaf{where} lacks the field {name!r}")
+    fields[name] = _decode_static(codec, meta[name], name, where)
+  if not isinstance(arrays, dict) or set(arrays) != set(cls._qws_children):
+    got = sorted(arrays) if isinstance(arrays, dict) else arrays
+    raise ValueError(f"{kind} leaf{where} needs the arrays {list(cls._qws_children)}, got {got}")
+  x = cls(**fields, **arrays)
+  validate(x, path, check_values=check_values, check_sorted=False, max_bytes=max_bytes)
+  return x
+
+
+def validate(x, path: str = "", *, check_values: bool = True, check_sorted: bool = True,
+             max_bytes: int | None = None) -> None:
+  """`validate_shared_array` or `validate_hashed_array`, by the leaf's type."""
+  if isinstance(x, SharedArray):
+    validate_shared_array(x, path, check_values=check_values, check_sorted=check_sorted,
+                          max_bytes=max_bytes)
+  elif isinstance(x, HashedArray):
+    validate_hashed_array(x, path, max_bytes=max_bytes)
+  else:
+    where = f" at {path!r}" if path else ""
+    raise TypeError(f"expected a SharedArray or HashedArray{where}, got {type(x).__name__}")
+
+
+def _check_size(x, where: str, max_bytes: int | None) -> None:
+  """Overflow-safe size limits: the dense leaf and each stored child."""
+  if max_bytes is None:
+    return
+  dense = x.size * np.dtype(x.dtype).itemsize
+  if dense > max_bytes:
+    raise ValueError(f"leaf of shape {x.shape} would take {dense} bytes once materialised,"
+                     f" over the limit max_bytes={max_bytes}{where}; raise max_bytes if"
+                     " this is expected")
+  for name, a in children(x).items():
+    if a is not None and _nbytes(a) > max_bytes:
+      raise ValueError(f"{name} array of shape {tuple(a.shape)} is over the limit"
+                       f" max_bytes={max_bytes}{where}")
+
+
 class _Compressed:
   """Shared protocol of compressed leaves (subclasses define shape and nbytes)."""
 
@@ -86,7 +259,7 @@ class _Compressed:
 
   @property
   def size(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64))
+    return math.prod(int(d) for d in self.shape)  # Python ints: never wraps
 
   @property
   def bits_per_weight(self) -> float:
@@ -115,14 +288,14 @@ class SharedArray(_Compressed):
   last axis; at most one of ``axis`` and ``group_size`` is set.
   """
 
-  indices: jax.Array
-  codebook: jax.Array
-  shape: tuple[int, ...]
-  dtype: Any
-  bits: int
-  axis: int | None = None
-  group_size: int | None = None
-  vector_dim: int = 1
+  indices: jax.Array = _child()
+  codebook: jax.Array = _child()
+  shape: tuple[int, ...] = _static("shape")
+  dtype: Any = _static("dtype")
+  bits: int = _static("int")
+  axis: int | None = _static("opt_int", None)
+  group_size: int | None = _static("opt_int", None)
+  vector_dim: int = _static("int", 1)
 
   @property
   def k(self) -> int:
@@ -161,9 +334,7 @@ class SharedArray(_Compressed):
             + (f", vector_dim={self.vector_dim}" if self.vector_dim != 1 else "") + ")")
 
 
-jax.tree_util.register_dataclass(
-    SharedArray, data_fields=["indices", "codebook"],
-    meta_fields=["shape", "dtype", "bits", "axis", "group_size", "vector_dim"])
+_register(SharedArray, "shared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,12 +348,12 @@ class HashedArray(_Compressed):
   Static metadata: ``shape``, ``dtype``, ``seed`` (uint32 int), ``signed``, ``version``.
   """
 
-  buckets: jax.Array
-  shape: tuple[int, ...]
-  dtype: Any
-  seed: int
-  signed: bool = True
-  version: int = hashing.HASH_VERSION
+  buckets: jax.Array = _child()
+  shape: tuple[int, ...] = _static("shape")
+  dtype: Any = _static("dtype")
+  seed: int = _static("int")
+  signed: bool = _static("bool", True)
+  version: int = _static("int", hashing.HASH_VERSION)
 
   @property
   def num_buckets(self) -> int:
@@ -210,9 +381,7 @@ class HashedArray(_Compressed):
             f" version={self.version})")
 
 
-jax.tree_util.register_dataclass(
-    HashedArray, data_fields=["buckets"],
-    meta_fields=["shape", "dtype", "seed", "signed", "version"])
+_register(HashedArray, "hashed")
 
 
 def is_compressed(x) -> bool:
@@ -223,26 +392,46 @@ def _concrete(x) -> bool:
   return isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
 
 
-def validate_shared_array(x: SharedArray, path: str = "", *, check_values: bool = True) -> None:
+def validate_shared_array(x: SharedArray, path: str = "", *, check_values: bool = True,
+                          check_sorted: bool = True, max_bytes: int | None = None) -> None:
   """Checks the invariants of a `SharedArray`; raises ValueError/TypeError naming ``path``.
 
-  Value checks (indices < k, sorted codebook) run only on concrete arrays and when
-  ``check_values``.
+  Structure (always): field types, ``bits == max(1, ceil(log2 k))`` with k in
+  [2, 256], the indices and codebook shapes implied by ``shape`` and the layout,
+  dtypes, and (when ``max_bytes`` is set) the overflow-safe size limit.
+  Values (concrete arrays, when ``check_values``): every index ``< k`` (read only when
+  ``k`` is not a power of two, since ``bits`` bits cannot hold more otherwise), a finite
+  codebook, and, when ``check_sorted``, scalar codebooks sorted ascending (the
+  canonical form `share` and `qws_jax.canonicalize` produce; fine-tuned codebooks may
+  leave it, which is why checkpoints do not require it).
   """
   where = f" at {path!r}" if path else ""
   if not isinstance(x, SharedArray):
     raise TypeError(f"expected a SharedArray{where}, got {type(x).__name__}")
-  if x.vector_dim < 1 or x.shape[-1] % x.vector_dim:
+  for name in ("indices", "codebook"):
+    if not hasattr(getattr(x, name), "shape") or not hasattr(getattr(x, name), "dtype"):
+      raise TypeError(f"{name} must be an array, got {type(getattr(x, name)).__name__}{where}")
+  if not isinstance(x.shape, tuple) or not all(
+      isinstance(d, (int, np.integer)) and d >= 0 for d in x.shape) or not x.shape:
+    raise ValueError(f"shape={x.shape!r} must be a non-empty tuple of non-negative ints{where}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"dtype={x.dtype} must be a floating dtype{where}")
+  if not isinstance(x.vector_dim, int) or x.vector_dim < 1 or x.shape[-1] % x.vector_dim:
     raise ValueError(f"vector_dim={x.vector_dim} must divide the last axis of shape={x.shape}{where}")
   if x.axis is not None and x.group_size is not None:
     raise ValueError(f"at most one of axis and group_size may be set{where}")
   if x.axis is not None and not 0 <= x.axis < len(x.shape):
     raise ValueError(f"axis={x.axis} out of range for shape={x.shape}{where}")
+  if x.group_size is not None and x.group_size < 1:
+    raise ValueError(f"group_size={x.group_size} must be positive{where}")
   if np.dtype(x.indices.dtype) != np.uint8:
     raise TypeError(f"indices must be uint8, got {x.indices.dtype}{where}")
+  if x.codebook.ndim < (1 if x.vector_dim == 1 else 2):
+    raise ValueError(f"codebook of shape {tuple(x.codebook.shape)} has too few axes{where}")
   k = x.k
   if not 2 <= k <= 256 or x.bits != bits_for(k):
     raise ValueError(f"codebook size k={k} needs bits={bits_for(k)} (k in [2, 256]), got bits={x.bits}{where}")
+  _check_size(x, where, max_bytes)
   ishape = index_shape(x.shape, x.vector_dim)
   want_idx = ishape[:-1] + (packing.packed_length(ishape[-1], x.bits),)
   if tuple(x.indices.shape) != want_idx:
@@ -254,30 +443,46 @@ def validate_shared_array(x: SharedArray, path: str = "", *, check_values: bool 
   if np.dtype(x.codebook.dtype) != np.dtype(x.dtype):
     raise TypeError(f"codebook dtype {x.codebook.dtype} != leaf dtype {x.dtype}{where}")
   if check_values and _concrete(x.indices) and _concrete(x.codebook):
-    idx = np.asarray(x.unpacked_indices())
-    if idx.size and int(idx.max()) >= k:
-      raise ValueError(f"index {int(idx.max())} >= k={k}{where}")
-    if x.vector_dim == 1:
-      cb = np.asarray(x.codebook.astype(jnp.float32))
-      if not np.all(np.isfinite(cb)):
-        raise ValueError(f"codebook has NaN/Inf values{where}")
-      if np.any(np.diff(cb, axis=-1) < 0):
-        raise ValueError(f"codebook is not sorted ascending{where}")
+    if k < 2**x.bits and x.indices.size:
+      idx = np.asarray(x.unpacked_indices())
+      if int(idx.max()) >= k:
+        bad = np.unravel_index(int(np.argmax(idx >= k)), idx.shape)
+        raise ValueError(f"index {int(idx[bad])} at {tuple(int(i) for i in bad)} is past the"
+                         f" end of the codebook (k={k}){where}")
+    cb = np.asarray(x.codebook.astype(jnp.float32))
+    if not np.all(np.isfinite(cb)):
+      raise ValueError(f"codebook has NaN/Inf values{where}")
+    if check_sorted and x.vector_dim == 1 and np.any(np.diff(cb, axis=-1) < 0):
+      raise ValueError(f"codebook is not sorted ascending{where}")
 
 
-def validate_hashed_array(x: HashedArray, path: str = "") -> None:
-  """Checks the invariants of a `HashedArray`; raises ValueError/TypeError naming ``path``."""
+def validate_hashed_array(x: HashedArray, path: str = "", *,
+                          max_bytes: int | None = None) -> None:
+  """Checks the invariants of a `HashedArray`; raises ValueError/TypeError naming ``path``.
+
+  Hash version known, seed a uint32, ``1 <= B <= size`` buckets (1-D, leaf dtype),
+  virtual size below ``2**32``, and (when ``max_bytes`` is set) the overflow-safe size
+  limit of the materialised leaf.
+  """
   where = f" at {path!r}" if path else ""
   if not isinstance(x, HashedArray):
     raise TypeError(f"expected a HashedArray{where}, got {type(x).__name__}")
+  if not hasattr(x.buckets, "shape") or not hasattr(x.buckets, "dtype"):
+    raise TypeError(f"buckets must be an array, got {type(x.buckets).__name__}{where}")
+  if not isinstance(x.shape, tuple) or not all(
+      isinstance(d, (int, np.integer)) and d >= 0 for d in x.shape):
+    raise ValueError(f"shape={x.shape!r} must be a tuple of non-negative ints{where}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"dtype={x.dtype} must be a floating dtype{where}")
   if x.version not in hashing.SUPPORTED_HASH_VERSIONS:
     raise ValueError(f"unknown hash version {x.version}{where}; supported:"
                      f" {hashing.SUPPORTED_HASH_VERSIONS}")
   hashing.check_seed(x.seed, f"seed{where}")
+  if x.size >= 2**32:
+    raise ValueError(f"virtual size {x.size} does not fit the uint32 hash{where}")
   if x.buckets.ndim != 1 or not 1 <= x.buckets.shape[0] <= max(x.size, 1):
     raise ValueError(f"buckets must be 1-D with 1 <= B <= {x.size} (the virtual size),"
                      f" got shape {tuple(x.buckets.shape)}{where}")
-  if x.size >= 2**32:
-    raise ValueError(f"virtual size {x.size} does not fit the uint32 hash{where}")
   if np.dtype(x.buckets.dtype) != np.dtype(x.dtype):
     raise TypeError(f"buckets dtype {x.buckets.dtype} != leaf dtype {x.dtype}{where}")
+  _check_size(x, where, max_bytes)
