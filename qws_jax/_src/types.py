@@ -207,9 +207,12 @@ def from_meta(meta, arrays, path: str = "", *, check_values: bool = True,
     raise ValueError(f"{kind} leaf{where} has unknown field(s) {unknown}; written by a newer"
                      " qws_jax?")
   fields = {}
+  defaults = {f.name: f.default for f in dataclasses.fields(cls)}
   for name, codec in cls._qws_static:
     if name not in meta:
-      raise ValueError(f"{kind} leaf{where} lacks the field {name!r}")
+      if defaults[name] is dataclasses.MISSING:
+        raise ValueError(f"{kind} leaf{where} lacks the field {name!r}")
+      continue  # a field added after the file was written: its default
     fields[name] = _decode_static(codec, meta[name], name, where)
   if not isinstance(arrays, dict) or set(arrays) != set(cls._qws_children):
     got = sorted(arrays) if isinstance(arrays, dict) else arrays
@@ -271,21 +274,37 @@ class _Compressed:
 class SharedArray(_Compressed):
   """A weight tensor stored as codebook indices plus a codebook (weight sharing).
 
-  Children (arrays):
-    indices: uint8, the packed indices: shape ``shape[:-1] + (packed,)`` where the
-      last axis holds ``shape[-1] // vector_dim`` indices of ``bits`` bits packed as in
+  Children (arrays; ``S`` is the stack shape, ``()`` unless the leaf is stacked):
+    indices: uint8, the packed indices: ``S + shape[:-1] + (packed,)`` where the last
+      axis holds ``shape[-1] // vector_dim`` indices of ``bits`` bits packed as in
       `qws_jax._src.packing` (little-endian bit stream along the last axis).
-    codebook: ``grid + (k,)`` for scalar codebooks or ``grid + (k, vector_dim)`` for
-      vector codebooks, in the logical ``dtype``. ``grid`` is ``()`` per tensor,
+    codebook: ``S + grid + (k,)`` for scalar codebooks or ``S + grid + (k, vector_dim)``
+      for vector codebooks, in any floating dtype (the leaf's by default; f16/bf16
+      halve its storage), decoded into ``dtype``. ``grid`` is ``()`` per tensor,
       ``(shape[axis],)`` per channel, ``(ceil(R / group_size), C)`` per group, where
       ``(R, C)`` is the matmul view (all leading axes flattened, last axis).
+    scales: None, or ``S + (ceil(R / scale_group_size), C)`` per-group scales (a
+      floating dtype, usually f16): the decoded value of weight ``(r, c)`` of the
+      matmul view is multiplied by ``scales[r // scale_group_size, c]`` (the learned
+      LUT with group scales format: FLUTE / NF4 with a learned table).
+    outlier_values, outlier_positions: None, or ``S + (n,)`` arrays: weights kept
+      exactly (in ``dtype``) at strictly increasing flat row-major positions (int32) of
+      one slice; they replace the decoded value there (dense-and-sparse, SqueezeLLM).
 
-  Static metadata: ``shape``, ``dtype``, ``bits``, ``axis`` (channel axis, non-negative
-  or None), ``group_size`` (or None), ``vector_dim`` (1 for scalar codebooks).
+  Static metadata: ``shape`` (the logical shape of one slice), ``dtype``, ``bits``,
+  ``axis`` (channel axis, non-negative or None), ``group_size`` (or None),
+  ``vector_dim`` (1 for scalar codebooks), ``scale_group_size`` (or None).
+
+  Stacked leaves: every child may carry the same leading stack axes ``S`` (one
+  codebook, scales and outliers per slice, e.g. per layer of a scanned model). ``S`` is
+  read off the children, never stored as metadata, so ``jax.lax.scan``, ``vmap``,
+  ``nnx.scan`` and ``nn.scan`` slice a stacked leaf like an array and each slice is an
+  ordinary leaf. `full_shape` is ``S + shape``; ``materialize()`` returns it.
 
   Invariants (checked by `validate_shared_array`): every index is ``< k``;
   ``bits == max(1, ceil(log2 k))``; a scalar codebook is sorted ascending along its
-  last axis; at most one of ``axis`` and ``group_size`` is set.
+  last axis; at most one of ``axis`` and ``group_size`` is set; finite codebooks,
+  scales and outliers; outlier positions strictly increasing and inside a slice.
   """
 
   indices: jax.Array = _child()
@@ -296,6 +315,10 @@ class SharedArray(_Compressed):
   axis: int | None = _static("opt_int", None)
   group_size: int | None = _static("opt_int", None)
   vector_dim: int = _static("int", 1)
+  scales: jax.Array | None = _child(None)
+  scale_group_size: int | None = _static("opt_int", None)
+  outlier_values: jax.Array | None = _child(None)
+  outlier_positions: jax.Array | None = _child(None)
 
   @property
   def k(self) -> int:
@@ -308,30 +331,74 @@ class SharedArray(_Compressed):
     return "channel" if self.axis is not None else "tensor"
 
   @property
+  def stack_shape(self) -> tuple[int, ...]:
+    """The leading stack axes of the children (``()`` for an ordinary leaf)."""
+    n = self.indices.ndim - len(self.shape)
+    return tuple(int(d) for d in self.indices.shape[:max(n, 0)])
+
+  @property
+  def full_shape(self) -> tuple[int, ...]:
+    """``stack_shape + shape``: the shape of ``materialize()``."""
+    return self.stack_shape + tuple(self.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.full_shape)
+
+  @property
+  def num_outliers(self) -> int:
+    """Outliers per slice."""
+    return 0 if self.outlier_values is None else int(self.outlier_values.shape[-1])
+
+  @property
   def nbytes(self) -> int:
-    """Bytes really stored: packed indices plus codebook."""
-    return _nbytes(self.indices) + _nbytes(self.codebook)
+    """Bytes really stored: every child (packed indices, codebook, scales, outliers)."""
+    return sum(_nbytes(a) for a in children(self).values() if a is not None)
 
   def unpacked_indices(self) -> jax.Array:
-    """uint8 indices in the index shape ``shape[:-1] + (shape[-1] // vector_dim,)``."""
+    """uint8 indices in the index shape ``S + shape[:-1] + (shape[-1] // vector_dim,)``."""
     ishape = index_shape(self.shape, self.vector_dim)
     return packing.unpack(self.indices, self.bits, ishape[-1])
 
+  def decode_dtype(self):
+    """The dtype decoding computes in: the leaf's, at least float32."""
+    return jnp.dtype(jnp.float64 if np.dtype(self.dtype) == np.float64 else jnp.float32)
+
   def materialize(self) -> jax.Array:
-    """The dense weight, ``shape`` and ``dtype``."""
+    """The dense weight, ``full_shape`` and ``dtype``."""
+    f = SharedArray._materialize_slice
+    for _ in self.stack_shape:
+      f = jax.vmap(f)
+    return f(self)
+
+  def _materialize_slice(self) -> jax.Array:
     idx = self.unpacked_indices().astype(jnp.int32)
     k, d = self.k, self.vector_dim
     gid = group_ids(self.shape, self.axis, self.group_size, d)
     flat = idx if gid is None else gid * k + idx
     table = self.codebook.reshape(-1) if d == 1 else self.codebook.reshape(-1, d)
-    return jnp.take(table, flat, axis=0).reshape(self.shape).astype(self.dtype)
+    ct = self.decode_dtype()
+    w = jnp.take(table, flat, axis=0).astype(ct)
+    if self.scales is not None:
+      r, c = matmul_view(self.shape)
+      rows = jnp.arange(r, dtype=jnp.int32) // self.scale_group_size
+      w = (w.reshape(r, c) * self.scales.astype(ct)[rows]).reshape(self.shape)
+    w = w.reshape(-1)
+    if self.outlier_values is not None:
+      w = w.at[self.outlier_positions].set(self.outlier_values.astype(ct))
+    return w.reshape(self.shape).astype(self.dtype)
 
   def __repr__(self):
     return (f"SharedArray(shape={self.shape}, dtype={np.dtype(self.dtype).name}, k={self.k},"
             f" bits={self.bits}, layout={self.layout!r}"
             + (f", axis={self.axis}" if self.axis is not None else "")
             + (f", group_size={self.group_size}" if self.group_size is not None else "")
-            + (f", vector_dim={self.vector_dim}" if self.vector_dim != 1 else "") + ")")
+            + (f", vector_dim={self.vector_dim}" if self.vector_dim != 1 else "")
+            + (f", codebook_dtype={np.dtype(self.codebook.dtype).name}"
+               if np.dtype(self.codebook.dtype) != np.dtype(self.dtype) else "")
+            + (f", scale_group_size={self.scale_group_size}" if self.scales is not None else "")
+            + (f", outliers={self.num_outliers}" if self.outlier_values is not None else "")
+            + (f", stack={self.stack_shape}" if self.stack_shape else "") + ")")
 
 
 _register(SharedArray, "shared")
@@ -344,8 +411,10 @@ class HashedArray(_Compressed):
   ``V.flat[f] = sign(f) * buckets[bucket(f)]`` with the coordinate hash of
   `qws_jax._src.hashing` (version ``version``) seeded by ``seed`` (the per-leaf seed).
 
-  Children: ``buckets`` ``(B,)`` in ``dtype``.
-  Static metadata: ``shape``, ``dtype``, ``seed`` (uint32 int), ``signed``, ``version``.
+  Children: ``buckets`` ``S + (B,)`` in ``dtype`` (``S``, the stack shape, is ``()``
+  unless the leaf is stacked: one set of buckets per slice, the same hash pattern).
+  Static metadata: ``shape`` (one slice), ``dtype``, ``seed`` (uint32 int), ``signed``,
+  ``version``.
   """
 
   buckets: jax.Array = _child()
@@ -357,28 +426,49 @@ class HashedArray(_Compressed):
 
   @property
   def num_buckets(self) -> int:
-    return self.buckets.shape[0]
+    return self.buckets.shape[-1]
+
+  @property
+  def stack_shape(self) -> tuple[int, ...]:
+    """The leading stack axes of ``buckets`` (``()`` for an ordinary leaf)."""
+    return tuple(int(d) for d in self.buckets.shape[:-1])
+
+  @property
+  def full_shape(self) -> tuple[int, ...]:
+    """``stack_shape + shape``: the shape of ``materialize()``."""
+    return self.stack_shape + tuple(self.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.full_shape)
 
   @property
   def nbytes(self) -> int:
     return _nbytes(self.buckets)
 
   def bucket_and_sign(self) -> tuple[jax.Array, jax.Array]:
-    """int32 bucket index and int8 sign of every element, in ``shape``."""
+    """int32 bucket index and int8 sign of every element of one slice, in ``shape``."""
     if self.version not in hashing.SUPPORTED_HASH_VERSIONS:
       raise ValueError(f"unknown hash version {self.version}; this qws_jax knows"
                        f" {hashing.SUPPORTED_HASH_VERSIONS}")
-    f = jnp.arange(self.size, dtype=jnp.uint32).reshape(self.shape)
+    f = jnp.arange(math.prod(self.shape), dtype=jnp.uint32).reshape(self.shape)
     return hashing.bucket_and_sign(f, self.seed, self.num_buckets, self.signed)
 
   def materialize(self) -> jax.Array:
+    """The dense weight, ``full_shape`` and ``dtype``."""
     b, s = self.bucket_and_sign()
-    return (jnp.take(self.buckets, b, axis=0) * s.astype(self.buckets.dtype)).astype(self.dtype)
+
+    def one(buckets):
+      return (jnp.take(buckets, b, axis=0) * s.astype(buckets.dtype)).astype(self.dtype)
+    for _ in self.stack_shape:
+      one = jax.vmap(one)
+    return one(self.buckets)
 
   def __repr__(self):
     return (f"HashedArray(shape={self.shape}, dtype={np.dtype(self.dtype).name},"
             f" buckets={self.num_buckets}, seed={self.seed}, signed={self.signed},"
-            f" version={self.version})")
+            f" version={self.version}"
+            + (f", stack={self.stack_shape}" if self.stack_shape else "") + ")")
 
 
 _register(HashedArray, "hashed")
@@ -392,16 +482,44 @@ def _concrete(x) -> bool:
   return isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_shape_field(x, where: str) -> None:
+  if not isinstance(x.shape, tuple) or not all(_is_int(d) and d >= 0 for d in x.shape) \
+      or not x.shape:
+    raise ValueError(f"shape={x.shape!r} must be a non-empty tuple of non-negative ints{where}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"dtype={x.dtype} must be a floating dtype{where}")
+
+
+def _check_child(x, name: str, want: tuple, where: str, *, dtypes=None, dtype=None) -> None:
+  """``S + want`` shape (``S`` the leaf's stack shape) and the dtype of one child."""
+  a = getattr(x, name)
+  if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+    raise TypeError(f"{name} must be an array, got {type(a).__name__}{where}")
+  got = tuple(a.shape)
+  if got != x.stack_shape + tuple(want):
+    raise ValueError(f"{name} shape {got} != expected {x.stack_shape + tuple(want)}"
+                     f" (stack {x.stack_shape} + {tuple(want)}){where}")
+  if dtype is not None and np.dtype(a.dtype) != np.dtype(dtype):
+    raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}{where}")
+  if dtypes is not None and np.dtype(a.dtype).name not in dtypes:
+    raise TypeError(f"{name} dtype {a.dtype} must be one of {dtypes}{where}")
+
+
 def validate_shared_array(x: SharedArray, path: str = "", *, check_values: bool = True,
                           check_sorted: bool = True, max_bytes: int | None = None) -> None:
   """Checks the invariants of a `SharedArray`; raises ValueError/TypeError naming ``path``.
 
   Structure (always): field types, ``bits == max(1, ceil(log2 k))`` with k in
-  [2, 256], the indices and codebook shapes implied by ``shape`` and the layout,
-  dtypes, and (when ``max_bytes`` is set) the overflow-safe size limit.
+  [2, 256], the shapes of every child implied by ``shape``, the layout and the stack
+  shape, dtypes, and (when ``max_bytes`` is set) the overflow-safe size limit.
   Values (concrete arrays, when ``check_values``): every index ``< k`` (read only when
-  ``k`` is not a power of two, since ``bits`` bits cannot hold more otherwise), a finite
-  codebook, and, when ``check_sorted``, scalar codebooks sorted ascending (the
+  ``k`` is not a power of two, since ``bits`` bits cannot hold more otherwise); finite
+  codebooks, scales and outlier values; outlier positions strictly increasing inside
+  one slice; and, when ``check_sorted``, scalar codebooks sorted ascending (the
   canonical form `share` and `qws_jax.canonicalize` produce; fine-tuned codebooks may
   leave it, which is why checkpoints do not require it).
   """
@@ -411,38 +529,44 @@ def validate_shared_array(x: SharedArray, path: str = "", *, check_values: bool 
   for name in ("indices", "codebook"):
     if not hasattr(getattr(x, name), "shape") or not hasattr(getattr(x, name), "dtype"):
       raise TypeError(f"{name} must be an array, got {type(getattr(x, name)).__name__}{where}")
-  if not isinstance(x.shape, tuple) or not all(
-      isinstance(d, (int, np.integer)) and d >= 0 for d in x.shape) or not x.shape:
-    raise ValueError(f"shape={x.shape!r} must be a non-empty tuple of non-negative ints{where}")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"dtype={x.dtype} must be a floating dtype{where}")
-  if not isinstance(x.vector_dim, int) or x.vector_dim < 1 or x.shape[-1] % x.vector_dim:
+  _check_shape_field(x, where)
+  if not _is_int(x.vector_dim) or x.vector_dim < 1 or x.shape[-1] % x.vector_dim:
     raise ValueError(f"vector_dim={x.vector_dim} must divide the last axis of shape={x.shape}{where}")
   if x.axis is not None and x.group_size is not None:
     raise ValueError(f"at most one of axis and group_size may be set{where}")
   if x.axis is not None and not 0 <= x.axis < len(x.shape):
     raise ValueError(f"axis={x.axis} out of range for shape={x.shape}{where}")
-  if x.group_size is not None and x.group_size < 1:
-    raise ValueError(f"group_size={x.group_size} must be positive{where}")
-  if np.dtype(x.indices.dtype) != np.uint8:
-    raise TypeError(f"indices must be uint8, got {x.indices.dtype}{where}")
-  if x.codebook.ndim < (1 if x.vector_dim == 1 else 2):
+  for name in ("group_size", "scale_group_size"):
+    v = getattr(x, name)
+    if v is not None and (not _is_int(v) or v < 1):
+      raise ValueError(f"{name}={v!r} must be a positive int{where}")
+  if x.indices.ndim < len(x.shape):
+    raise ValueError(f"indices of shape {tuple(x.indices.shape)} have fewer axes than"
+                     f" shape={x.shape}{where}")
+  if x.codebook.ndim < len(x.stack_shape) + (1 if x.vector_dim == 1 else 2):
     raise ValueError(f"codebook of shape {tuple(x.codebook.shape)} has too few axes{where}")
   k = x.k
   if not 2 <= k <= 256 or x.bits != bits_for(k):
     raise ValueError(f"codebook size k={k} needs bits={bits_for(k)} (k in [2, 256]), got bits={x.bits}{where}")
   _check_size(x, where, max_bytes)
   ishape = index_shape(x.shape, x.vector_dim)
-  want_idx = ishape[:-1] + (packing.packed_length(ishape[-1], x.bits),)
-  if tuple(x.indices.shape) != want_idx:
-    raise ValueError(f"indices shape {tuple(x.indices.shape)} != expected {want_idx}{where}")
+  _check_child(x, "indices", ishape[:-1] + (packing.packed_length(ishape[-1], x.bits),),
+               where, dtype=np.uint8)
   want_cb = grid_shape(x.shape, x.axis, x.group_size, x.vector_dim) + (k,) + (
       (x.vector_dim,) if x.vector_dim > 1 else ())
-  if tuple(x.codebook.shape) != want_cb:
-    raise ValueError(f"codebook shape {tuple(x.codebook.shape)} != expected {want_cb}{where}")
-  if np.dtype(x.codebook.dtype) != np.dtype(x.dtype):
-    raise TypeError(f"codebook dtype {x.codebook.dtype} != leaf dtype {x.dtype}{where}")
-  if check_values and _concrete(x.indices) and _concrete(x.codebook):
+  _check_child(x, "codebook", want_cb, where, dtypes=LEAF_DTYPES)
+  r, c = matmul_view(x.shape)
+  if (x.scales is None) != (x.scale_group_size is None):
+    raise ValueError(f"scales and scale_group_size must be set together{where}")
+  if x.scales is not None:
+    _check_child(x, "scales", (-(-r // x.scale_group_size), c), where, dtypes=LEAF_DTYPES)
+  if (x.outlier_values is None) != (x.outlier_positions is None):
+    raise ValueError(f"outlier_values and outlier_positions must be set together{where}")
+  if x.outlier_values is not None:
+    n = x.outlier_values.shape[-1] if x.outlier_values.ndim else -1
+    _check_child(x, "outlier_values", (n,), where, dtype=x.dtype)
+    _check_child(x, "outlier_positions", (n,), where, dtype=np.int32)
+  if check_values and all(_concrete(a) for a in children(x).values() if a is not None):
     if k < 2**x.bits and x.indices.size:
       idx = np.asarray(x.unpacked_indices())
       if int(idx.max()) >= k:
@@ -454,6 +578,15 @@ def validate_shared_array(x: SharedArray, path: str = "", *, check_values: bool 
       raise ValueError(f"codebook has NaN/Inf values{where}")
     if check_sorted and x.vector_dim == 1 and np.any(np.diff(cb, axis=-1) < 0):
       raise ValueError(f"codebook is not sorted ascending{where}")
+    if x.scales is not None and not np.all(np.isfinite(np.asarray(x.scales.astype(jnp.float32)))):
+      raise ValueError(f"scales have NaN/Inf values{where}")
+    if x.outlier_values is not None and x.num_outliers:
+      pos = np.asarray(x.outlier_positions).astype(np.int64)
+      size = math.prod(x.shape)
+      if pos.min() < 0 or pos.max() >= size or np.any(np.diff(pos, axis=-1) <= 0):
+        raise ValueError(f"outlier positions must be strictly increasing in [0, {size}){where}")
+      if not np.all(np.isfinite(np.asarray(x.outlier_values.astype(jnp.float32)))):
+        raise ValueError(f"outlier values have NaN/Inf values{where}")
 
 
 def validate_hashed_array(x: HashedArray, path: str = "", *,
@@ -469,8 +602,7 @@ def validate_hashed_array(x: HashedArray, path: str = "", *,
     raise TypeError(f"expected a HashedArray{where}, got {type(x).__name__}")
   if not hasattr(x.buckets, "shape") or not hasattr(x.buckets, "dtype"):
     raise TypeError(f"buckets must be an array, got {type(x.buckets).__name__}{where}")
-  if not isinstance(x.shape, tuple) or not all(
-      isinstance(d, (int, np.integer)) and d >= 0 for d in x.shape):
+  if not isinstance(x.shape, tuple) or not all(_is_int(d) and d >= 0 for d in x.shape):
     raise ValueError(f"shape={x.shape!r} must be a tuple of non-negative ints{where}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"dtype={x.dtype} must be a floating dtype{where}")
@@ -478,11 +610,12 @@ def validate_hashed_array(x: HashedArray, path: str = "", *,
     raise ValueError(f"unknown hash version {x.version}{where}; supported:"
                      f" {hashing.SUPPORTED_HASH_VERSIONS}")
   hashing.check_seed(x.seed, f"seed{where}")
-  if x.size >= 2**32:
-    raise ValueError(f"virtual size {x.size} does not fit the uint32 hash{where}")
-  if x.buckets.ndim != 1 or not 1 <= x.buckets.shape[0] <= max(x.size, 1):
-    raise ValueError(f"buckets must be 1-D with 1 <= B <= {x.size} (the virtual size),"
-                     f" got shape {tuple(x.buckets.shape)}{where}")
+  slice_size = math.prod(x.shape)
+  if slice_size >= 2**32:
+    raise ValueError(f"virtual size {slice_size} does not fit the uint32 hash{where}")
+  if x.buckets.ndim < 1 or not 1 <= x.buckets.shape[-1] <= max(slice_size, 1):
+    raise ValueError(f"buckets must be (stack axes +) (B,) with 1 <= B <= {slice_size} (the"
+                     f" virtual size), got shape {tuple(x.buckets.shape)}{where}")
   if np.dtype(x.buckets.dtype) != np.dtype(x.dtype):
     raise TypeError(f"buckets dtype {x.buckets.dtype} != leaf dtype {x.dtype}{where}")
   _check_size(x, where, max_bytes)
