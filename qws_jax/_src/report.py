@@ -74,8 +74,13 @@ def _fmt_bytes(n: int) -> str:
   return str(n)
 
 
+def _shape(x) -> tuple[int, ...]:
+  """The logical shape (a stacked compressed leaf's ``full_shape``)."""
+  return tuple(getattr(x, "full_shape", x.shape))
+
+
 def _dense_bytes(x) -> int:
-  return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return math.prod(_shape(x)) * np.dtype(x.dtype).itemsize
 
 
 def report(params, params_c, *, error: bool = True) -> Report:
@@ -126,11 +131,11 @@ def report(params, params_c, *, error: bool = True) -> Report:
       else:
         kind, k, layout = "hashed", c.num_buckets, "hashed"
       after = c.nbytes
-      rows.append(LeafReport(path, tuple(c.shape), kind, k, layout, 8.0 * after / max(c.size, 1),
+      rows.append(LeafReport(path, _shape(c), kind, k, layout, 8.0 * after / max(c.size, 1),
                              before, after, rel, sq))
     else:
       after = _dense_bytes(c)
-      size = int(np.prod(c.shape, dtype=np.int64))
-      rows.append(LeafReport(path, tuple(c.shape), "dense", None, "-",
+      size = math.prod(_shape(c))
+      rows.append(LeafReport(path, _shape(c), "dense", None, "-",
                              8.0 * after / max(size, 1), before, after, None, None))
   return Report(tuple(rows))

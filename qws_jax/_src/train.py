@@ -79,6 +79,8 @@ def trainable_mask(params, freeze: FreezeSpec = None):
 
 def _cluster_counts(w) -> jax.Array:
   """How many weights use each codebook entry / bucket, in the codebook's shape."""
+  if w.stack_shape:  # a stacked leaf: per slice
+    return jax.vmap(_cluster_counts)(w)
   if isinstance(w, types.SharedArray):
     idx = w.unpacked_indices().astype(jnp.int32)
     gid = types.group_ids(w.shape, w.axis, w.group_size, w.vector_dim)
@@ -126,8 +128,14 @@ def _embed_updates(params, proj_updates, mask):
   """Full updates in the structure of ``params`` from the projected (trained) ones."""
   def f(p, u, m):
     if isinstance(p, types.SharedArray):
-      return dataclasses.replace(p, indices=jnp.zeros_like(p.indices),
-                                 codebook=u if m else jnp.zeros_like(p.codebook))
+      # Only the codebook trains: indices, scales and outliers get zero updates, and so
+      # does the pruned zero (entry 0) of a sparse leaf.
+      zeros = {n: None if a is None else jnp.zeros_like(a)
+               for n, a in types.children(p).items()}
+      cb = u if m else zeros["codebook"]
+      if p.sparse and m:
+        cb = cb.at[..., 0].set(0)
+      return dataclasses.replace(p, **{**zeros, "codebook": cb})
     if isinstance(p, types.HashedArray):
       return dataclasses.replace(p, buckets=u if m else jnp.zeros_like(p.buckets))
     return u if m else jnp.zeros_like(p)
@@ -205,7 +213,12 @@ def codebook_optimizer(tx: optax.GradientTransformation, *, reduction: str = "su
 def _canonical_leaf(x: types.SharedArray) -> types.SharedArray:
   if x.vector_dim != 1:
     return x
+  if x.stack_shape:  # a stacked leaf: per slice
+    return jax.vmap(_canonical_leaf)(x)
   order = jnp.argsort(x.codebook, axis=-1)
+  if x.sparse:  # the pruned zero stays entry 0
+    rest = jnp.argsort(x.codebook[..., 1:], axis=-1) + 1
+    order = jnp.concatenate([jnp.zeros_like(rest[..., :1]), rest], axis=-1)
   inv = jnp.argsort(order, axis=-1).astype(jnp.int32).reshape(-1)
   idx = x.unpacked_indices().astype(jnp.int32)
   gid = types.group_ids(x.shape, x.axis, x.group_size, x.vector_dim)
@@ -230,7 +243,16 @@ def canonicalize(tree):
     The same tree with sorted codebooks and matching indices.
 
   Example:
-    >>> params_c = qws_jax.canonicalize(params_c)  # after training with codebook_optimizer
+    >>> import dataclasses, jax, jax.numpy as jnp, qws_jax
+    >>> w = jax.random.normal(jax.random.key(0), (64, 32))
+    >>> params_c = qws_jax.share({"kernel": w}, k=4)
+    >>> sa = params_c["kernel"]  # as if training had reversed the codebook's order:
+    >>> params_c = {"kernel": dataclasses.replace(sa, codebook=-sa.codebook)}
+    >>> fixed = qws_jax.canonicalize(params_c)
+    >>> bool(jnp.all(jnp.diff(fixed["kernel"].codebook) > 0))
+    True
+    >>> bool(jnp.array_equal(qws_jax.unshare(fixed)["kernel"], qws_jax.unshare(params_c)["kernel"]))
+    True
   """
   return jax.tree_util.tree_map(
       lambda x: _canonical_leaf(x) if isinstance(x, types.SharedArray) else x, tree,

@@ -293,7 +293,14 @@ class SharedArray(_Compressed):
 
   Static metadata: ``shape`` (the logical shape of one slice), ``dtype``, ``bits``,
   ``axis`` (channel axis, non-negative or None), ``group_size`` (or None),
-  ``vector_dim`` (1 for scalar codebooks), ``scale_group_size`` (or None).
+  ``vector_dim`` (1 for scalar codebooks), ``scale_group_size`` (or None), ``sparse``.
+
+  Sparse leaves (``sparse=True``, pruned weights): index 0 of every codebook is the
+  pruned zero, exactly ``0.0`` (never clustered, never trained); the other ``k - 1``
+  entries hold the clusters of the non-zero weights. In memory the indices keep their
+  dense layout, so every kernel and ``scan`` works unchanged and decodes pruned
+  weights to exactly 0; on disk `qws_jax.save` stores only the non-zeros' indices and
+  their positions, entropy-coded.
 
   Stacked leaves: every child may carry the same leading stack axes ``S`` (one
   codebook, scales and outliers per slice, e.g. per layer of a scanned model). ``S`` is
@@ -319,6 +326,7 @@ class SharedArray(_Compressed):
   scale_group_size: int | None = _static("opt_int", None)
   outlier_values: jax.Array | None = _child(None)
   outlier_positions: jax.Array | None = _child(None)
+  sparse: bool = _static("bool", False)
 
   @property
   def k(self) -> int:
@@ -398,6 +406,7 @@ class SharedArray(_Compressed):
                if np.dtype(self.codebook.dtype) != np.dtype(self.dtype) else "")
             + (f", scale_group_size={self.scale_group_size}" if self.scales is not None else "")
             + (f", outliers={self.num_outliers}" if self.outlier_values is not None else "")
+            + (", sparse=True" if self.sparse else "")
             + (f", stack={self.stack_shape}" if self.stack_shape else "") + ")")
 
 
@@ -562,6 +571,10 @@ def validate_shared_array(x: SharedArray, path: str = "", *, check_values: bool 
     _check_child(x, "scales", (-(-r // x.scale_group_size), c), where, dtypes=LEAF_DTYPES)
   if (x.outlier_values is None) != (x.outlier_positions is None):
     raise ValueError(f"outlier_values and outlier_positions must be set together{where}")
+  if not isinstance(x.sparse, bool):
+    raise TypeError(f"sparse must be a bool, got {x.sparse!r}{where}")
+  if x.sparse and (x.vector_dim != 1 or x.scales is not None):
+    raise NotImplementedError(f"sparse leaves take scalar codebooks without scales{where}")
   if x.outlier_values is not None:
     n = x.outlier_values.shape[-1] if x.outlier_values.ndim else -1
     _check_child(x, "outlier_values", (n,), where, dtype=x.dtype)
@@ -576,7 +589,10 @@ def validate_shared_array(x: SharedArray, path: str = "", *, check_values: bool 
     cb = np.asarray(x.codebook.astype(jnp.float32))
     if not np.all(np.isfinite(cb)):
       raise ValueError(f"codebook has NaN/Inf values{where}")
-    if check_sorted and x.vector_dim == 1 and np.any(np.diff(cb, axis=-1) < 0):
+    if x.sparse and np.any(cb[..., 0] != 0):
+      raise ValueError(f"sparse leaf: codebook entry 0 (the pruned zero) must be exactly 0{where}")
+    sorted_part = cb[..., 1:] if x.sparse else cb
+    if check_sorted and x.vector_dim == 1 and np.any(np.diff(sorted_part, axis=-1) < 0):
       raise ValueError(f"codebook is not sorted ascending{where}")
     if x.scales is not None and not np.all(np.isfinite(np.asarray(x.scales.astype(jnp.float32)))):
       raise ValueError(f"scales have NaN/Inf values{where}")
