@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qws_jax._src import hashing
+from qws_jax._src import storage
 from qws_jax._src import tree as tree_lib
 from qws_jax._src import types
 
@@ -110,8 +111,9 @@ def _json_key(k):
 class _Encoder:
   """Turns a pytree into (JSON structure, flat dict of arrays)."""
 
-  def __init__(self):
+  def __init__(self, entropy: bool = True):
     self.arrays: dict[str, Any] = {}
+    self.entropy = entropy
 
   def array(self, x, keys: tuple) -> dict | None:
     if x is None:
@@ -135,6 +137,27 @@ class _Encoder:
       ref["key"] = key
     return ref
 
+  def coded(self, x, keys: tuple) -> dict | None:
+    """Entropy-coded indices of a `SharedArray`, when smaller than the packed ones."""
+    if not isinstance(x, types.SharedArray) or isinstance(x.indices, jax.core.Tracer):
+      return None
+    try:
+      enc = storage.encode_indices(x)
+    except ValueError as e:  # e.g. an index past the end of the codebook
+      raise ValueError(f"cannot save the leaf at {_show(keys)!r}: {e}") from None
+    size = len(enc["symbols"]) + len(enc["positions"] or b"")
+    if size >= types._nbytes(x.indices):  # pylint: disable=protected-access
+      return None
+
+    def ref(data, name):
+      return None if data is None else self.array(np.frombuffer(data, np.uint8).copy(),
+                                                  keys + (name,))
+    kind = "jax" if isinstance(x.indices, jax.Array) else "numpy"
+    return {"codec": storage.CODEC, "kind": kind, "index_shape": enc["index_shape"],
+            "count": enc["count"],
+            "symbols": ref(enc["symbols"], "indices.symbols"),
+            "positions": ref(enc["positions"], "indices.positions")}
+
   def encode(self, x, keys: tuple, depth: int = 0) -> dict:
     if depth > MAX_DEPTH:
       raise ValueError(f"the tree is nested deeper than {MAX_DEPTH} levels at {_show(keys)!r}")
@@ -143,8 +166,15 @@ class _Encoder:
     if types.is_compressed(x):
       where = _show(keys)
       types.validate(x, where, check_values=False)
-      return {"t": "leaf", "meta": types.to_meta(x),
-              "arrays": {n: self.array(a, keys + (n,)) for n, a in types.children(x).items()}}
+      arrays = types.children(x)
+      coded = self.coded(x, keys) if self.entropy else None
+      if coded is not None:
+        arrays = {**arrays, "indices": None}
+      node = {"t": "leaf", "meta": types.to_meta(x),
+              "arrays": {n: self.array(a, keys + (n,)) for n, a in arrays.items()}}
+      if coded is not None:
+        node["coded"] = coded
+      return node
     if _is_array(x):
       return {"t": "array", **self.array(x, keys)}
     if isinstance(x, _PY_SCALARS):
@@ -181,8 +211,8 @@ class _Encoder:
             "items": [self.encode(v, keys + k, depth + 1) for k, (_, v) in zip(sub, children)]}
 
 
-def _encode(tree) -> tuple[dict, dict[str, Any]]:
-  enc = _Encoder()
+def _encode(tree, entropy: bool = True) -> tuple[dict, dict[str, Any]]:
+  enc = _Encoder(entropy)
   structure = enc.encode(tree, ())
   meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
           "qws_jax_version": _qws_version(), "tree": structure}
@@ -275,6 +305,11 @@ def _array_refs(structure) -> list[tuple[tuple, dict]]:
       out.append((keys, node))
     elif t == "leaf":
       arrays = _need(node, "arrays", dict, _show(keys))
+      coded = node.get("coded")
+      if coded is not None:
+        coded = _need(node, "coded", dict, _show(keys))
+        arrays = {**arrays, "indices.symbols": coded.get("symbols"),
+                  "indices.positions": coded.get("positions")}
       for name, ref in arrays.items():
         if ref is not None:
           out.append((keys + (name,), ref))
@@ -336,6 +371,45 @@ class _Decoder:
       return a
     return a[()]
 
+  def coded_indices(self, node, meta, arrays, keys):
+    """Decodes entropy-coded indices (``storage.decode_indices``) to packed indices."""
+    where = _show(keys)
+    coded = _need(node, "coded", dict, where)
+    if coded.get("codec") != storage.CODEC:
+      raise _Corrupt(f"entry {where!r} has indices coded with {_short(coded.get('codec'))};"
+                     f" this qws_jax reads {storage.CODEC!r}")
+    if arrays.get("indices") is not None:
+      raise _Corrupt(f"entry {where!r} has both coded and packed indices")
+    bits, sparse = meta.get("bits"), meta.get("sparse", False)
+    cb = arrays.get("codebook")
+    vector = meta.get("vector_dim", 1) != 1
+    if (not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8
+        or not isinstance(sparse, bool) or cb is None or cb.ndim < (2 if vector else 1)):
+      raise _Corrupt(f"entry {where!r} has coded indices with bits={_short(bits)},"
+                     f" sparse={_short(sparse)}")
+    k = int(cb.shape[-2] if vector else cb.shape[-1])
+    if not 2 <= k <= 2**bits:
+      raise _Corrupt(f"entry {where!r} has coded indices with k={k} and bits={bits}")
+
+    def data(name):
+      ref = coded.get(name)
+      if ref is None:
+        return None
+      a = np.asarray(self.array(ref, keys + (f"indices.{name}",)))
+      if a.dtype != np.uint8 or a.ndim != 1:
+        raise _Corrupt(f"entry {where!r}: coded {name} must be 1-D uint8")
+      return a.tobytes()
+    kind = coded.get("kind")
+    if kind not in ("jax", "numpy"):
+      raise _Corrupt(f"entry {where!r} has coded indices of kind {_short(kind)}")
+    try:
+      packed = storage.decode_indices({"bits": bits, "k": k, "sparse": sparse}, data("symbols"),
+                                      data("positions"), coded.get("index_shape"),
+                                      coded.get("count"), max_bytes=self.max_bytes)
+    except (ValueError, TypeError) as e:
+      raise _Corrupt(f"entry {where!r}: damaged entropy-coded indices: {e}") from None
+    return jnp.asarray(packed) if kind == "jax" else packed
+
   def leaf(self, keys, x):
     self.flat.append((keys, x))
     return x
@@ -364,6 +438,8 @@ class _Decoder:
                          f" qws_jax knows {hashing.SUPPORTED_HASH_VERSIONS}; upgrade qws_jax")
       refs = _need(node, "arrays", dict, where)
       arrays = {n: None if r is None else self.array(r, keys + (n,)) for n, r in refs.items()}
+      if "coded" in node:
+        arrays["indices"] = self.coded_indices(node, meta, arrays, keys)
       try:
         x = types.from_meta(meta, arrays, where, max_bytes=self.max_bytes)
       except (TypeError, ValueError) as e:
@@ -474,10 +550,10 @@ def _handler(compress: bool = True):
       META_ITEM: ocp.JsonCheckpointHandler()})
 
 
-def save_args(tree):
+def save_args(tree, *, entropy: bool = True):
   """Orbax ``Composite`` args that save ``tree`` in the qws_jax format (for managers)."""
   ocp = _ocp()
-  meta, arrays = _encode(tree)
+  meta, arrays = _encode(tree, entropy)
   items = {META_ITEM: ocp.args.JsonSave(meta)}
   if arrays:
     items[ARRAYS_ITEM] = ocp.args.PyTreeSave(arrays)
@@ -673,7 +749,8 @@ def _swap_in(new: str, path: str) -> None:
 # ----------------------------------------------------------------------------- public API
 
 
-def save(path: str | os.PathLike, tree, *, force: bool = False, compress: bool = True) -> str:
+def save(path: str | os.PathLike, tree, *, force: bool = False, compress: bool = True,
+         entropy: bool = True) -> str:
   """Saves a pytree that may contain `SharedArray` / `HashedArray` leaves.
 
   The checkpoint is an Orbax composite directory: the arrays (packed indices, codebooks,
@@ -696,6 +773,10 @@ def save(path: str | os.PathLike, tree, *, force: bool = False, compress: bool =
     force: replace an existing qws_jax checkpoint at ``path``. Anything else at
       ``path`` (a file, a directory holding other files) is never replaced.
     compress: zstd-compress the array chunks (Orbax's default).
+    entropy: store each `SharedArray`'s indices Huffman-coded (`qws_jax._src.entropy`)
+      when that is smaller than the packed indices; a sparse (pruned) leaf then stores
+      only its non-zeros' indices and their coded positions. `restore` decodes them
+      bit-exactly.
 
   Returns:
     The absolute path written.
@@ -718,7 +799,7 @@ def save(path: str | os.PathLike, tree, *, force: bool = False, compress: bool =
     if not force:
       raise FileExistsError(f"{path!r} already exists; pass force=True to replace it")
     check_replaceable(path)
-  args = save_args(tree)  # every leaf is checked before anything is written
+  args = save_args(tree, entropy=entropy)  # every leaf is checked before anything is written
   ocp = _ocp()
   new = f"{path}.qws-new-{uuid.uuid4().hex[:8]}"
   try:
@@ -817,15 +898,18 @@ class CheckpointManager:
     async_save: commit in a background thread (call `wait_until_finished` before
       reading a step back in the same process).
     compress: zstd-compress the array chunks.
+    entropy: entropy-code the indices (see `save`).
   """
 
   def __init__(self, directory: str | os.PathLike, *, save_interval_steps: int = 1,
-               max_to_keep: int | None = 3, async_save: bool = True, compress: bool = True):
+               max_to_keep: int | None = 3, async_save: bool = True, compress: bool = True,
+               entropy: bool = True):
     if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
     if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
       raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}")
     ocp = _ocp()
+    self.entropy = bool(entropy)
     self.directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
@@ -849,7 +933,7 @@ class CheckpointManager:
     if step in self._mngr.all_steps():
       raise FileExistsError(f"step {step} already exists in {self.directory!r}; checkpoint"
                             " steps are never overwritten")
-    return bool(self._mngr.save(step, args=save_args(tree), force=force))
+    return bool(self._mngr.save(step, args=save_args(tree, entropy=self.entropy), force=force))
 
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())
