@@ -390,7 +390,7 @@ class SharedArray(_Compressed):
     if self.scales is not None:
       r, c = matmul_view(self.shape)
       rows = jnp.arange(r, dtype=jnp.int32) // self.scale_group_size
-      w = (w.reshape(r, c) * self.scales.astype(ct)[rows]).reshape(self.shape)
+      w = (w.reshape(r, c) * self.scales.astype(ct)[rows, :]).reshape(self.shape)
     w = w.reshape(-1)
     if self.outlier_values is not None:
       w = w.at[self.outlier_positions].set(self.outlier_values.astype(ct))
