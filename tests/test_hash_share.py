@@ -264,3 +264,23 @@ def test_optax_trains_the_hashed_tree(make_tx):
   assert len(compiles) == 1  # the second call does not recompile
   assert jax.tree.structure(h2) == jax.tree.structure(h)
   assert float(_loss(h2)) < 0.5 * float(first)
+
+
+def test_stacked_layers_get_their_own_buckets():
+  w = jax.random.normal(jax.random.key(0), (3, 64, 32))
+  h = qws_jax.hash_share({"layers": {"kernel": w}}, compression=1 / 8, init="from_dense",
+                         rules=[qws_jax.Rule("layers", stack_axes=1)])["layers"]["kernel"]
+  assert h.stack_shape == (3,) and h.shape == (64, 32) and h.num_buckets == 256
+  qws_jax.validate_hashed_array(h, "layers/kernel")
+  dense = np.asarray(h.materialize())
+  for i in range(3):  # each slice is the from-dense fit of its own layer
+    one = qws_jax.hash_share({"layers": {"kernel": w[i]}}, compression=1 / 8,
+                             init="from_dense")["layers"]["kernel"]
+    np.testing.assert_allclose(dense[i], np.asarray(one.materialize()), rtol=1e-6)
+  fresh = qws_jax.hash_share(jax.eval_shape(lambda: {"k": w}), key=jax.random.key(1),
+                             stack_axes=1, predicate=lambda p, l: True)["k"]
+  b = np.asarray(fresh.buckets)
+  assert b.shape == (3, 256) and not np.allclose(b[0], b[1])  # independent draws
+  with pytest.raises(ValueError, match="'k'.*stack_axes=3"):
+    qws_jax.hash_share({"k": w}, key=jax.random.key(1), stack_axes=3,
+                       predicate=lambda p, l: True)

@@ -7,6 +7,8 @@ of `qws_jax._src.hashing` seeded with ``leaf_seed(path, seed)``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Any, Callable
 
@@ -101,7 +103,7 @@ def _is_concrete(x) -> bool:
 def hash_share(params, compression: float | None = 1 / 8, *, key: jax.Array | None = None,
                buckets: int | None = None, seed: int = 0, init: str = "fan_in",
                rules=(), predicate: Callable[[str, Any], bool] | None = None,
-               signed: bool = True):
+               signed: bool = True, stack_axes: int = 0):
   """Replaces selected leaves of a parameter tree by `HashedArray` leaves (HashedNets).
 
   Each selected leaf of shape ``shape`` becomes ``B`` trainable bucket values; its
@@ -139,6 +141,10 @@ def hash_share(params, compression: float | None = 1 / 8, *, key: jax.Array | No
     predicate: ``predicate(path, leaf) -> bool`` for leaves no rule matches; default:
       floating leaves with ``ndim >= 2`` and at least 1024 elements.
     signed: use the sign hash ``xi``; when False every sign is ``+1``.
+    stack_axes: leading axes that stack independent layers (a scanned model's
+      ``(layers, ...)`` params): each slice gets its own buckets (the same hash
+      pattern, ``B`` from the slice size), so ``scan`` slices the `HashedArray` like an
+      array. Usually set per leaf with ``Rule(r"layers", stack_axes=1)``.
 
   Returns:
     The tree with each selected leaf replaced by a `HashedArray` of the leaf's shape
@@ -174,6 +180,12 @@ def hash_share(params, compression: float | None = 1 / 8, *, key: jax.Array | No
   jax.tree_util.tree_map_with_path(check, params, is_leaf=types.is_compressed)
 
   def one(path: str, leaf, options: dict):
+    st = options["stack_axes"]
+    if isinstance(st, bool) or not isinstance(st, (int, np.integer)) or not 0 <= st < len(leaf.shape):
+      raise ValueError(f"leaf {path!r}: stack_axes={st!r} must be an int in [0, {len(leaf.shape)})"
+                       f" for shape {tuple(leaf.shape)}")
+    if st:
+      return _stacked(path, leaf, int(st), options)
     shape = tuple(int(d) for d in leaf.shape)
     size = int(np.prod(shape, dtype=np.int64))
     if size >= 2**32:
@@ -200,7 +212,26 @@ def hash_share(params, compression: float | None = 1 / 8, *, key: jax.Array | No
     return types.HashedArray(buckets=vals, shape=shape, dtype=np.dtype(leaf.dtype), seed=sd,
                              signed=bool(options["signed"]))
 
+  def _stacked(path, leaf, st, options):
+    """One set of buckets per slice of the leading ``st`` axes, stacked."""
+    lead = tuple(int(d) for d in leaf.shape[:st])
+    slice_shape = tuple(int(d) for d in leaf.shape[st:])
+    n = math.prod(lead)
+    opts = {**options, "stack_axes": 0}
+    abstract = not _is_concrete(leaf) and not isinstance(leaf, jax.core.Tracer)
+    flat = None if abstract else jnp.asarray(leaf).reshape((n,) + slice_shape)
+    outs = []
+    for i in range(n):
+      sl = jax.ShapeDtypeStruct(slice_shape, leaf.dtype) if abstract else flat[i]
+      h = one(path, sl, opts)
+      if options["init"] == "fan_in" and i:  # independent draws per slice
+        k = jax.random.fold_in(jax.random.fold_in(key, hashing.fnv1a32(path.encode("utf-8"))), i)
+        h = dataclasses.replace(h, buckets=fan_in_buckets(k, h.num_buckets, slice_shape,
+                                                          leaf.dtype))
+      outs.append(h)
+    return jax.tree.map(lambda *a: jnp.stack(a).reshape(lead + a[0].shape), *outs)
+
   defaults = dict(compression=compression, buckets=buckets, seed=seed, init=init,
-                  signed=signed)
+                  signed=signed, stack_axes=stack_axes)
   return tree_lib.map_selected(params, one, defaults=defaults, predicate=predicate,
                                rules=rules, what="hash_share")
