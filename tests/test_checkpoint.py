@@ -403,3 +403,17 @@ def test_custom_nodes_restore_with_target(tmp_path):
   save(tmp_path / "nnx", state)
   abstract = nnx.state(nnx.eval_shape(lambda: nnx.Linear(3, 4, rngs=nnx.Rngs(1))))
   _assert_same(state, restore(tmp_path / "nnx", target=abstract))
+
+
+def test_boxed_params_restore_without_target(tmp_path):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  tree = {"Dense_0": {"kernel": nn.LogicallyPartitioned(
+      _shared(np.random.default_rng(8), (32, 16), 4), ("embed", "mlp")),
+                      "bias": nn.Partitioned(jnp.zeros((16,), jnp.float32), ("mlp",))}}
+  save(tmp_path / "c", tree)
+  got = restore(tmp_path / "c")
+  _assert_same(tree, got)
+  assert type(got["Dense_0"]["kernel"]) is nn.LogicallyPartitioned
+  assert got["Dense_0"]["kernel"].names == ("embed", "mlp")
+  assert type(got["Dense_0"]["bias"]) is nn.Partitioned
+  _assert_same(tree, restore(tmp_path / "c", target=tree))

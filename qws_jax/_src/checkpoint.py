@@ -36,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import uuid
 from typing import Any
 
@@ -96,6 +97,21 @@ def _is_namedtuple(x) -> bool:
 
 def _is_array(x) -> bool:
   return isinstance(x, (np.ndarray, np.generic, jax.Array))
+
+
+def _partitioned(x) -> bool | None:
+  """For flax's ``Partitioned`` / ``LogicallyPartitioned`` boxes with plain metadata:
+  whether it is logical; None for anything else (stored as a custom node)."""
+  flax_meta = sys.modules.get("flax.core.meta")
+  if flax_meta is None or not isinstance(x, flax_meta.Partitioned):
+    return None
+  logical = type(x).__name__ == "LogicallyPartitioned"
+  if type(x) is not flax_meta.Partitioned and not logical:
+    return None  # a user subclass: a custom node
+  if x.mesh is not None or getattr(x, "rules", None) is not None or not all(
+      n is None or isinstance(n, str) for n in x.names):
+    return None
+  return logical
 
 
 def _json_key(k):
@@ -182,6 +198,10 @@ class _Encoder:
         raise TypeError(f"cannot save the float {x!r} at {_show(keys)!r} (not JSON);"
                         " store it in an array")
       return {"t": "py", "value": x}
+    box = _partitioned(x)
+    if box is not None:  # flax's boxed params (nn.with_partitioning / logical partitioning)
+      return {"t": "partitioned", "logical": box, "names": list(x.names),
+              "items": [self.encode(x.value, keys, depth + 1)]}
     if isinstance(x, collections.abc.Mapping):
       ks, items = [], []
       for k, v in x.items():
@@ -291,6 +311,11 @@ def _walk(node, keys: tuple, visit, depth: int = 0):
   if t in ("shared", "hashed"):
     node, t = _v1_leaf(node, t), "leaf"
   visit(keys, node, t)
+  if t == "partitioned":
+    items = _need(node, "items", list, where)
+    if len(items) != 1:
+      raise _Corrupt(f"entry {where!r} is a damaged partitioned box")
+    _walk(items[0], keys, visit, depth + 1)
   if t in _CONTAINERS:
     for k, child in _children(node, t, where):
       _walk(child, keys + (k if t == "node" else (k,)), visit, depth + 1)
@@ -445,8 +470,18 @@ class _Decoder:
       except (TypeError, ValueError) as e:
         raise _Corrupt(str(e)) from None
       return self.leaf(keys, x)
+    if t == "partitioned":
+      names = _need(node, "names", list, where)
+      logical = _need(node, "logical", bool, where)
+      items = _need(node, "items", list, where)
+      if len(items) != 1 or not all(n is None or isinstance(n, str) for n in names):
+        raise _Corrupt(f"entry {where!r} is a damaged partitioned box")
+      value = self.decode(items[0], keys, depth + 1)
+      import flax.linen as nn  # pylint: disable=g-import-not-at-top
+      box = nn.LogicallyPartitioned if logical else nn.Partitioned
+      return box(value, tuple(names))
     if t not in _CONTAINERS:
-      raise _Corrupt(f"entry {where!r} has unknown node type {t!r}")
+      raise _Corrupt(f"entry {where!r} has unknown node type {_short(t)}")
     kids = _children(node, t, where)
     if t == "node":
       for k, v in kids:
