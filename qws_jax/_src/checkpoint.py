@@ -157,6 +157,9 @@ class _Encoder:
     """Entropy-coded indices of a `SharedArray`, when smaller than the packed ones."""
     if not isinstance(x, types.SharedArray) or isinstance(x.indices, jax.core.Tracer):
       return None
+    sharding = getattr(x.indices, "sharding", None)
+    if sharding is not None and len(sharding.device_set) > 1:
+      return None  # spread over devices: kept packed, so restore reads it shard by shard
     try:
       enc = storage.encode_indices(x)
     except ValueError as e:  # e.g. an index past the end of the codebook
@@ -811,7 +814,8 @@ def save(path: str | os.PathLike, tree, *, force: bool = False, compress: bool =
     entropy: store each `SharedArray`'s indices Huffman-coded (`qws_jax._src.entropy`)
       when that is smaller than the packed indices; a sparse (pruned) leaf then stores
       only its non-zeros' indices and their coded positions. `restore` decodes them
-      bit-exactly.
+      bit-exactly. Indices spread over several devices stay packed (so that restoring
+      onto a mesh reads them shard by shard).
 
   Returns:
     The absolute path written.
