@@ -77,3 +77,34 @@ def test_map_stacked_gives_one_codebook_per_slice():
   for i in range(2):
     for j in range(3):
       np.testing.assert_array_equal(dense[i, j], np.asarray(one(x[i, j], 0).materialize()))
+
+
+def test_layers_run_leaves_with_parts():
+  """Dense, Embed (lookup and attend) and a rank-3 DenseGeneral through qws_jax.apply."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+      emb = nn.Embed(64, 32)
+      h = emb(ids)
+      h = nn.DenseGeneral((4, 8))(h)
+      h = nn.Dense(32)(h.reshape(h.shape[:-2] + (32,)))
+      return emb.attend(h)
+
+  rng = np.random.default_rng(3)
+  ids = jnp.asarray(rng.integers(0, 64, (2, 5)), jnp.int32)
+  params = Net().init(jax.random.key(0), ids)["params"]
+
+  def with_parts(path, leaf, options):
+    del options
+    x = np.asarray(leaf).reshape(-1, leaf.shape[-1])
+    q = _quantized(rng, shape=x.shape, g=8, n_out=4)
+    return parts.from_quantized(q, shape=leaf.shape, dtype=leaf.dtype, scale_group_size=8,
+                                codebook_dtype=jnp.float16)
+  from qws_jax._src import tree as tree_lib  # pylint: disable=g-import-not-at-top
+  pc = tree_lib.map_selected(params, with_parts, defaults={}, predicate=lambda p, l: l.ndim >= 2,
+                             rules=(), what="test")
+  want = Net().apply({"params": qws_jax.unshare(pc)}, ids)
+  got = jax.jit(qws_jax.apply(Net().apply))({"params": pc}, ids)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
