@@ -14,6 +14,7 @@ import pytest
 import qws_jax
 from qws_jax._src import apply as apply_lib
 from qws_jax._src import nnx_share
+from qws_jax._src import ops
 from qws_jax._src import types
 
 from _compress_helpers import hand_hash_tree, hand_share_tree, hand_shared, hand_hashed
@@ -171,7 +172,7 @@ def test_dense_general_matrix_view(layout):
   sa = hand_shared(w, 4, **kw)
   dense = np.asarray(sa.materialize())
   for n_in in (1, 2):
-    view = apply_lib.matrix_view(sa, n_in)
+    view = ops.matrix_view(sa, n_in)
     if view is None:
       continue
     rows = int(np.prod(w.shape[:n_in]))
@@ -188,7 +189,7 @@ def test_dense_general_matrix_view(layout):
 
 def test_hashed_matrix_view_is_free():
   h = hand_hashed(np.ones((4, 3, 5)), 9)
-  v = apply_lib.matrix_view(h, 1)
+  v = ops.matrix_view(h, 1)
   np.testing.assert_array_equal(v.materialize(), np.asarray(h.materialize()).reshape(4, 15))
 
 
@@ -199,7 +200,7 @@ def test_take_rows(kind):
        "channel1": lambda: hand_shared(w, 4, axis=1), "group": lambda: hand_shared(w, 4, group_size=6),
        "hashed": lambda: hand_hashed(w, 37)}[kind]()
   ids = jnp.array([[0, 19, 3], [7, 7, 12]], jnp.int32)
-  got = apply_lib.take_rows(c, ids)
+  got = ops.take_rows(c, ids)
   np.testing.assert_array_equal(got, jnp.take(c.materialize(), ids, axis=0))
 
 
@@ -213,7 +214,7 @@ def test_fast_path_does_not_materialise(monkeypatch):
     return orig(self)
 
   monkeypatch.setattr(types.SharedArray, "materialize", spy)
-  monkeypatch.setattr(apply_lib, "_kernel_entry", lambda w: (lambda x, w: x @ orig(w)))
+  monkeypatch.setattr(ops.kernels, "shared_matmul", lambda x, w: x @ orig(w))
 
   class M(nn.Module):
     @nn.compact

@@ -10,7 +10,6 @@ when called.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 from flax import linen as nn
@@ -19,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qws_jax import kernels
 from qws_jax._src import hash_share as hs
 from qws_jax._src import hashing
+from qws_jax._src import ops
 from qws_jax._src import types
 
 Initializer = Callable[..., jax.Array]
@@ -30,14 +29,12 @@ Initializer = Callable[..., jax.Array]
 def hashed_matmul(x: jax.Array, kernel: types.HashedArray, precision=None) -> jax.Array:
   """``x @ V`` for a hashed ``(K, N)`` kernel; ``x`` is ``(..., K)``, result ``(..., N)``.
 
-  The single place the layers multiply by a hashed kernel. With the default
+  `qws_jax._src.ops.matmul`, the switch every integration uses: with the default
   ``precision=None`` it calls `qws_jax.kernels.hashed_matmul` (hashes tiles on the fly,
   Pallas on GPU, blocked XLA on CPU, custom VJP); an explicit ``precision`` takes the
-  reference path: materialise ``V`` (``K * N`` gathers) and one dense ``jnp.dot``.
+  reference path: materialise ``V`` (``K * N`` gathers) and one dense ``jnp.matmul``.
   """
-  if precision is None:
-    return kernels.hashed_matmul(x, kernel)
-  return jnp.dot(x, kernel.materialize(), precision=precision)
+  return ops.matmul(x, kernel, precision=precision)
 
 
 def _make_kernel(key: jax.Array, shape: tuple[int, int], num_buckets: int, leaf_seed: int,
@@ -51,13 +48,6 @@ def _make_kernel(key: jax.Array, shape: tuple[int, int], num_buckets: int, leaf_
                            signed=signed)
 
 
-def _cast(kernel: types.HashedArray, dtype) -> types.HashedArray:
-  dtype = np.dtype(dtype)
-  if np.dtype(kernel.dtype) == dtype and kernel.buckets.dtype == dtype:
-    return kernel
-  return dataclasses.replace(kernel, buckets=kernel.buckets.astype(dtype), dtype=dtype)
-
-
 def _check_kernel(kernel, in_features: int, features: int, where: str) -> types.HashedArray:
   if not isinstance(kernel, types.HashedArray):
     raise TypeError(f"{where}: kernel must be a HashedArray, got {type(kernel).__name__}")
@@ -66,12 +56,6 @@ def _check_kernel(kernel, in_features: int, features: int, where: str) -> types.
                      f" {(in_features, features)}")
   types.validate_hashed_array(kernel, where)
   return kernel
-
-
-def _result_dtype(dtype, *arrays) -> Any:
-  if dtype is not None:
-    return dtype
-  return jnp.result_type(*arrays)
 
 
 class HashedDense(nn.Module):
@@ -136,12 +120,7 @@ class HashedDense(nn.Module):
     kernel = _check_kernel(self.param("kernel", init_kernel), k, self.features, where)
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
-    dtype = _result_dtype(self.dtype, inputs, kernel.buckets,
-                          *(() if bias is None else (bias,)))
-    y = hashed_matmul(jnp.asarray(inputs, dtype), _cast(kernel, dtype), self.precision)
-    if bias is not None:
-      y = y + jnp.reshape(jnp.asarray(bias, dtype), (1,) * (y.ndim - 1) + (-1,))
-    return y
+    return ops.dense(inputs, kernel, bias, dtype=self.dtype, precision=self.precision)
 
 
 class HashedConv(nn.Conv):
@@ -149,8 +128,9 @@ class HashedConv(nn.Conv):
 
   Every ``nn.Conv`` option (strides, padding, dilation, ``feature_group_count``, mask,
   ...) works unchanged: the layer stores its ``kernel`` parameter as a
-  `qws_jax.HashedArray` and hands ``nn.Conv`` the materialised kernel, so the
-  convolution itself is XLA's (no fused kernel). ``kernel_init`` is ignored; the default
+  `qws_jax.HashedArray`. With ``feature_group_count=1`` and no mask the convolution
+  runs by im2col through the hashed matmul kernel (the kernel is hashed tile by tile);
+  other configurations hand ``nn.Conv`` the materialised kernel. ``kernel_init`` is ignored; the default
   buckets give the virtual kernel ``lecun_normal`` variance ``1 / fan_in``, ``fan_in =
   prod(kernel_size) * C_in // groups``. ``qws_jax.unshare(variables)`` are valid ``nn.Conv``
   variables. The leaf seed is ``leaf_seed("params/<module path>/kernel", seed)``.
@@ -178,11 +158,9 @@ class HashedConv(nn.Conv):
   signed: bool = True
   bucket_init: Initializer | None = None
 
-  def param(self, name: str, init_fn, *init_args, **init_kwargs):
-    """``nn.Module.param``, except that ``kernel`` is stored hashed and read materialised."""
-    if name != "kernel":
-      return super().param(name, init_fn, *init_args, **init_kwargs)
-    shape, dtype = tuple(int(d) for d in init_args[0]), init_args[1]
+  def _hashed_kernel(self, shape, dtype) -> types.HashedArray:
+    """The ``kernel`` parameter: created hashed, checked, returned as a `HashedArray`."""
+    shape = tuple(int(d) for d in shape)
     path = "/".join(("params",) + tuple(str(p) for p in self.scope.path) + ("kernel",))
     where = f"HashedConv at {path!r}"
 
@@ -192,13 +170,44 @@ class HashedConv(nn.Conv):
       sd = hashing.leaf_seed(path, hashing.check_seed(self.seed, f"seed of {where}"))
       return _make_kernel(key, shape, b, sd, self.signed, dtype, self.bucket_init)
 
-    kernel = super().param("kernel", init_kernel)
+    kernel = nn.Module.param(self, "kernel", init_kernel)
     if not isinstance(kernel, types.HashedArray):
       raise TypeError(f"{where}: kernel must be a HashedArray, got {type(kernel).__name__}")
     if tuple(kernel.shape) != shape:
       raise ValueError(f"{where}: kernel virtual shape {kernel.shape} != expected {shape}")
     types.validate_hashed_array(kernel, where)
-    return kernel.materialize()
+    return kernel
+
+  def param(self, name: str, init_fn, *init_args, **init_kwargs):
+    """``nn.Module.param``, except that ``kernel`` is stored hashed and read materialised
+    (used by ``nn.Conv``'s own code for the configurations `__call__` leaves to it)."""
+    if name != "kernel":
+      return super().param(name, init_fn, *init_args, **init_kwargs)
+    return self._hashed_kernel(init_args[0], init_args[1]).materialize()
+
+  def _fast(self) -> bool:
+    return (self.feature_group_count == 1 and self.mask is None and self.shared_weights
+            and self.conv_general_dilated is None and self.conv_general_dilated_cls is None
+            and isinstance(self.kernel_size, (tuple, list)))
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """The convolution; with ``feature_group_count=1`` and no mask it runs by im2col on
+    the hashed kernel (`qws_jax._src.ops.conv_layer`: the kernel is hashed tile by tile,
+    never materialised), otherwise ``nn.Conv``'s code on the materialised kernel."""
+    if not self._fast():
+      return super().__call__(inputs)
+    return self._fast_call(inputs)
+
+  @nn.compact
+  def _fast_call(self, inputs: jax.Array) -> jax.Array:
+    shape = tuple(self.kernel_size) + (int(jnp.shape(inputs)[-1]), int(self.features))
+    kernel = self._hashed_kernel(shape, self.param_dtype)
+    bias = (super().param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    return ops.conv_layer(inputs, kernel, bias, strides=self.strides, padding=self.padding,
+                          input_dilation=self.input_dilation,
+                          kernel_dilation=self.kernel_dilation, dtype=self.dtype,
+                          precision=self.precision)
 
 
 class HashedLinear(nnx.Module):
@@ -271,11 +280,5 @@ class HashedLinear(nnx.Module):
                              signed=self.signed)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    kernel = self.kernel
     bias = None if self.bias is None else self.bias.get_value()
-    dtype = _result_dtype(self.dtype, inputs, kernel.buckets,
-                          *(() if bias is None else (bias,)))
-    y = hashed_matmul(jnp.asarray(inputs, dtype), _cast(kernel, dtype), self.precision)
-    if bias is not None:
-      y = y + jnp.reshape(jnp.asarray(bias, dtype), (1,) * (y.ndim - 1) + (-1,))
-    return y
+    return ops.dense(inputs, self.kernel, bias, dtype=self.dtype, precision=self.precision)

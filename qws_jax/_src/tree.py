@@ -174,9 +174,30 @@ class Rule:
       raise ValueError(f"Rule pattern {pattern!r} is not a valid regex: {e}") from None
     if skip and overrides:
       raise ValueError(f"Rule({pattern!r}, skip=True) takes no options, got {sorted(overrides)}")
+    self._check_share_options(pattern, overrides)
     object.__setattr__(self, "pattern", pattern)
     object.__setattr__(self, "skip", bool(skip))
     object.__setattr__(self, "overrides", tuple(sorted(overrides.items())))
+
+  @staticmethod
+  def _check_share_options(pattern: str, o: Mapping[str, Any]) -> None:
+    """Checks the k-means options a rule sets when it is built (not per leaf)."""
+    where = f"Rule({pattern!r})"
+
+    def is_int(v):
+      return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if "k" in o and not (is_int(o["k"]) and 2 <= o["k"] <= 256):
+      raise ValueError(f"{where}: k must be an int in [2, 256], got k={o['k']!r}")
+    if o.get("axis") is not None and not is_int(o["axis"]):
+      raise TypeError(f"{where}: axis must be an int or None, got {o['axis']!r}")
+    if o.get("group_size") is not None and not (is_int(o["group_size"]) and o["group_size"] >= 1):
+      raise ValueError(f"{where}: group_size must be a positive int, got {o['group_size']!r}")
+    if o.get("axis") is not None and o.get("group_size") is not None:
+      raise ValueError(f"{where}: set axis (per-channel) or group_size (per-group), not both")
+    if "vector_dim" in o and o["vector_dim"] not in (1, 2, 4, 8):
+      raise ValueError(f"{where}: vector_dim must be one of (1, 2, 4, 8), got"
+                       f" {o['vector_dim']!r}")
 
   def matches(self, path: str) -> bool:
     return re.search(self.pattern, path) is not None

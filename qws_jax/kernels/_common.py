@@ -79,7 +79,8 @@ class BlockSizes:
 
     ``block_m`` shrinks to ``next_pow2(m)`` (at least 16 unless ``m <= 8``), ``block_n``
     to ``next_pow2(n)``; ``block_k`` becomes the largest power of two ``<= block_k``
-    dividing ``k`` (so the weight need not be padded), at least 16.
+    dividing ``k`` (so the weight need not be padded), at least 16; ``xla_block_k``
+    becomes at most ``next_pow2(k)`` (the XLA path handles a last, shorter block).
     """
     bm = min(self.block_m, next_pow2(m))
     if m > 8:
@@ -88,9 +89,9 @@ class BlockSizes:
     bk = largest_pow2_divisor_at_most(k, self.block_k)
     if bk < 16:
       bk = min(self.block_k, max(next_pow2(k), 16))
-    xk = max(1, largest_pow2_divisor_at_most(k, self.xla_block_k))
-    if xk < 16:
-      xk = min(self.xla_block_k, next_pow2(k))
+    # The XLA forward runs K // xla_block_k full blocks and one static tail block, so
+    # the block need not divide K (a divisor of K = 784 or 3136 would be 16 or 64 rows).
+    xk = min(self.xla_block_k, max(next_pow2(k), 16))
     return dataclasses.replace(self, block_m=bm, block_n=bn, block_k=bk, xla_block_k=xk)
 
 

@@ -81,20 +81,26 @@ def hashed_matmul_reference(x: jax.typing.ArrayLike, w: HashedArray) -> jax.Arra
 
 
 def _xla_forward(x2, buckets, spec: _Spec):
+  """``K // bk`` full blocks of ``bk = xla_block_k`` rows in a ``fori_loop``, then the
+  remaining ``K % bk`` rows as one static block."""
   m = x2.shape[0]
-  bk = spec.bs.xla_block_k
-  kp = _common.round_up(spec.K, bk)
-  xp = _common.pad_axis(x2, 1, kp)
+  bk = min(spec.bs.xla_block_k, spec.K)
+  nfull, tail = divmod(spec.K, bk)
   bv = buckets.astype(x2.dtype)
 
-  def body(b, acc):
-    r0 = b * bk
-    xb = lax.dynamic_slice_in_dim(xp, r0, bk, 1)
-    bi, s = _tile_hash(r0, bk, 0, spec.N, spec)
+  def block(r0, rows, acc):
+    xb = lax.dynamic_slice_in_dim(x2, r0, rows, 1)
+    bi, s = _tile_hash(r0, rows, 0, spec.N, spec)
     wb = _signed(jnp.take(bv, bi, axis=0), s, spec.signed)
     return acc + jnp.matmul(xb, wb, preferred_element_type=jnp.float32)
 
-  acc = lax.fori_loop(0, kp // bk, body, jnp.zeros((m, spec.N), jnp.float32))
+  acc = jnp.zeros((m, spec.N), jnp.float32)
+  if nfull == 1:
+    acc = block(0, bk, acc)
+  elif nfull > 1:
+    acc = lax.fori_loop(0, nfull, lambda b, a: block(b * bk, bk, a), acc)
+  if tail:
+    acc = block(nfull * bk, tail, acc)
   return acc.astype(x2.dtype)
 
 

@@ -151,24 +151,28 @@ def shared_matmul_reference(x: jax.typing.ArrayLike, w: SharedArray) -> jax.Arra
 
 
 def _xla_forward(x2, indices, codebook, spec: _Spec):
+  """``K // bk`` full blocks of ``bk = xla_block_k`` rows in a ``fori_loop``, then the
+  remaining ``K % bk`` rows as one static block (nothing is padded)."""
   m = x2.shape[0]
-  bk = spec.bs.xla_block_k
-  kp = _common.round_up(spec.K, bk)
-  xp = _common.pad_axis(x2, 1, kp)
-  ip = _common.pad_axis(indices, 0, kp)
+  bk = min(spec.bs.xla_block_k, spec.K)
+  nfull, tail = divmod(spec.K, bk)
   cb = codebook.reshape(-1).astype(x2.dtype)
   ng = spec.g if spec.planar else 1
 
-  def body(b, accs):
-    r0 = b * bk
-    pb = lax.dynamic_slice_in_dim(ip, r0, bk, 0)
-    xb = lax.dynamic_slice_in_dim(xp, r0, bk, 1)
+  def block(r0, rows, accs):
+    pb = lax.dynamic_slice_in_dim(indices, r0, rows, 0)
+    xb = lax.dynamic_slice_in_dim(x2, r0, rows, 1)
     ids = _plane_ids(pb, r0, spec)
     return tuple(a + jnp.matmul(xb, jnp.take(cb, i, axis=0), preferred_element_type=jnp.float32)
                  for a, i in zip(accs, ids))
 
-  acc0 = tuple(jnp.zeros((m, spec.ncols), jnp.float32) for _ in range(ng))
-  accs = lax.fori_loop(0, kp // bk, body, acc0)
+  accs = tuple(jnp.zeros((m, spec.ncols), jnp.float32) for _ in range(ng))
+  if nfull == 1:
+    accs = block(0, bk, accs)
+  elif nfull > 1:
+    accs = lax.fori_loop(0, nfull, lambda b, a: block(b * bk, bk, a), accs)
+  if tail:
+    accs = block(nfull * bk, tail, accs)
   return _interleave(list(accs), spec, m).astype(x2.dtype)
 
 
