@@ -131,7 +131,7 @@ def test_validate_catches_bad_parts(how):
       "positions_outside": lambda: dataclasses.replace(
           w, outlier_positions=w.outlier_positions.at[-1].set(120)),
       "values_dtype": lambda: dataclasses.replace(
-          w, outlier_values=w.outlier_values.astype(jnp.float16)),
+          w, outlier_values=w.outlier_values.astype(jnp.int32)),
       "outliers_half": lambda: dataclasses.replace(w, outlier_positions=None),
       "scales_nan": lambda: dataclasses.replace(w, scales=w.scales.at[0, 0].set(jnp.nan)),
   }[how]()

@@ -47,7 +47,8 @@ def from_quantized(parts: dict, *, shape, dtype, axis=None, group_size=None, vec
       vector_dim=vector_dim,
       scales=None if scales is None else jnp.asarray(scales).astype(jnp.float16),
       scale_group_size=None if scales is None else scale_group_size,
-      outlier_values=None if vals is None else jnp.asarray(vals).astype(dtype),
+      outlier_values=None if vals is None else jnp.asarray(vals).astype(
+          cdt if codebook_dtype is not None else dtype),
       outlier_positions=None if pos is None else jnp.asarray(pos).astype(jnp.int32))
 
 

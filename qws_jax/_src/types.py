@@ -288,8 +288,9 @@ class SharedArray(_Compressed):
       matmul view is multiplied by ``scales[r // scale_group_size, c]`` (the learned
       LUT with group scales format: FLUTE / NF4 with a learned table).
     outlier_values, outlier_positions: None, or ``S + (n,)`` arrays: weights kept
-      exactly (in ``dtype``) at strictly increasing flat row-major positions (int32) of
-      one slice; they replace the decoded value there (dense-and-sparse, SqueezeLLM).
+      apart (in a floating dtype: ``dtype`` keeps them exact, f16 halves their cost) at
+      strictly increasing flat row-major positions (int32) of one slice; they replace
+      the decoded value there (dense-and-sparse, SqueezeLLM).
 
   Static metadata: ``shape`` (the logical shape of one slice), ``dtype``, ``bits``,
   ``axis`` (channel axis, non-negative or None), ``group_size`` (or None),
@@ -577,7 +578,7 @@ def validate_shared_array(x: SharedArray, path: str = "", *, check_values: bool 
     raise NotImplementedError(f"sparse leaves take scalar codebooks without scales{where}")
   if x.outlier_values is not None:
     n = x.outlier_values.shape[-1] if x.outlier_values.ndim else -1
-    _check_child(x, "outlier_values", (n,), where, dtype=x.dtype)
+    _check_child(x, "outlier_values", (n,), where, dtypes=LEAF_DTYPES)
     _check_child(x, "outlier_positions", (n,), where, dtype=np.int32)
   if check_values and all(_concrete(a) for a in children(x).values() if a is not None):
     if k < 2**x.bits and x.indices.size:
