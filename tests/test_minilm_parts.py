@@ -262,44 +262,6 @@ def test_canonicalize_keeps_values(axis):
   np.testing.assert_array_equal(np.asarray(canon.materialize()), np.asarray(sa.materialize()))
 
 
-def test_sparse_outliers_exact():
-  w = np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32)
-  w[3, 4], w[10, 2] = 40.0, -35.0
-  sp = minilm.top_outliers(w, 2 / w.size)
-  assert sorted(sp.flat_index.tolist()) == [3 * 16 + 4, 10 * 16 + 2]
-  assert sp.bits == 2 * minilm.SPARSE_ENTRY_BITS
-  sa = _random_shared(w.shape, 4)
-  dense = np.asarray(minilm.reconstruct(sa, sp))
-  assert dense[3, 4] == 40.0 and dense[10, 2] == -35.0
-  other = np.ones(w.shape, bool)
-  other[3, 4] = other[10, 2] = False
-  np.testing.assert_array_equal(dense[other], np.asarray(sa.materialize())[other])
-
-
-def test_gptq_identity_hessian_is_nearest_rounding():
-  rng = np.random.default_rng(0)
-  w = rng.normal(size=(24, 6)).astype(np.float32)
-  cb = np.linspace(-2, 2, 8).astype(np.float32)
-  idx = minilm.gptq_assign(w, np.eye(24), cb, damp=0.0)
-  np.testing.assert_array_equal(idx, np.abs(w[..., None] - cb).argmin(-1))
-
-
-def test_gptq_lowers_output_error():
-  rng = np.random.default_rng(1)
-  x = rng.normal(size=(400, 32)) @ rng.normal(size=(32, 32))  # correlated inputs
-  h = x.T @ x / len(x)
-  w = rng.normal(size=(32, 16)).astype(np.float32)
-  cb = np.linspace(-2.5, 2.5, 8).astype(np.float32)
-  near = cb[np.abs(w[..., None] - cb).argmin(-1)]
-  fb = cb[minilm.gptq_assign(w, h, cb, damp=0.0)]
-  err = lambda q: np.trace((w - q).T @ h @ (w - q))  # noqa: E731
-  assert err(fb) < 0.7 * err(near)
-  exact = np.zeros(w.shape, bool)
-  exact[0, :] = True
-  fb_exact = minilm.gptq_assign(w, h, cb, exact, damp=0.0)
-  assert fb_exact.shape == w.shape and fb_exact.dtype == np.int32
-
-
 # ----------------------------------------------------------------------------- pipeline
 
 
@@ -310,54 +272,29 @@ def _tiny_batches(n=8, length=8, seed=0):
   return minilm.Batches([ids * mask], [mask], n)
 
 
-def test_share_matrices_sparse_and_storage(tiny):
-  _, params = tiny
-  paths = [p for p in minilm.flatten(params) if re.match(minilm.ENCODER_MATRIX, p)]
-  assert len(paths) == 6 * _TINY.layers
-  imp = {p: np.full(minilm.flatten(params)[p].shape[0], 2.0, np.float32) for p in paths}
-  comp = minilm.share_matrices(params, paths, bits=2, axis=None, importance=imp, outliers=0.02)
-  leaves = minilm.flatten(params)
-  want = 0
-  for p in paths:
-    sa, sp = comp[p]
-    qws_jax.validate_shared_array(sa, p)
-    assert sa.k == 4 and sp.flat_index.size == round(0.02 * leaves[p].size)
-    dense = np.asarray(minilm.reconstruct(minilm.to_float16(sa), sp)).reshape(-1)
-    np.testing.assert_array_equal(dense[sp.flat_index], sp.values.astype(np.float32))
-    want += sa.indices.size * 8 + sa.codebook.size * 16 + sp.flat_index.size * 48
-  assert minilm.storage_bits(comp) == want
-
-
-def test_gptq_and_finetune_pipeline(tiny):
+def test_calibrated_share_pipeline(tiny):
+  """The example's k-means rows on the tiny BERT: calibrate + share, public API only."""
   model, params = tiny
-  paths = [p for p in minilm.flatten(params) if re.match(minilm.ENCODER_MATRIX, p)]
-  batches = _tiny_batches()
-  hess = minilm.calibration_hessians(model, params, batches)
-  assert set(hess) == set(paths)
-  factors = {p: minilm.hessian_factor(h) for p, h in hess.items()}
-  comp = minilm.share_matrices(params, paths, bits=2, axis=None,
-                               importance={p: np.diag(h) for p, h in hess.items()}, outliers=0)
-  fb = minilm.with_gptq(comp, params, factors)
-  leaves = minilm.flatten(params)
+  batches = _tiny_batches(n=16)
+  stats = qws_jax.calibrate(lambda p, i, m: model.apply({"params": p}, i, m), params,
+                            list(zip(batches.ids, batches.mask)))
+  ids, mask = _tiny_batches(n=8, seed=1).ids[0], _tiny_batches(n=8, seed=1).mask[0]
+  ref = np.asarray(_bert.sentence_embedding(model, params, ids, mask))
 
-  def out_err(c):
-    return sum(float(np.trace((leaves[p] - np.asarray(minilm.reconstruct(sa, sp))).T @ hess[p]
-                              @ (leaves[p] - np.asarray(minilm.reconstruct(sa, sp)))))
-               for p, (sa, sp) in c.items())
+  def err(pc):
+    emb = np.asarray(_bert.sentence_embedding(model, qws_jax.unshare(pc), ids, mask))
+    return float(np.mean(1.0 - minilm.cosines(ref, emb)))
 
-  assert out_err(fb) < out_err(comp)
-  # optax.adam's bias correction (decay ** int32 count) is not strict-promotion clean.
-  with jax.numpy_dtype_promotion("standard"):
-    tuned, losses = minilm.finetune(model, params, fb, batches, steps=15, lr=2e-3)
-  assert np.mean(losses[-3:]) < losses[0]
-  changed = 0
-  for p in paths:
-    sa, sa0 = tuned[p][0], fb[p][0]
-    qws_jax.validate_shared_array(sa, p)  # codebooks sorted again after training
-    # Indices frozen: every old cluster still maps to one (trained) value.
-    idx0 = np.asarray(sa0.unpacked_indices())
-    vals = np.asarray(sa.materialize())
-    for c in np.unique(idx0):
-      assert np.unique(vals[idx0 == c]).size == 1
-    changed += int(not np.allclose(np.asarray(sa.codebook), np.asarray(sa0.codebook)))
-  assert changed > 0
+  plain = qws_jax.share(params, k=4, predicate=minilm.encoder_matrices)
+  cal = qws_jax.share(params, k=4, predicate=minilm.encoder_matrices, calibration=stats,
+                      outliers=0.01, codebook_dtype=jnp.float16)
+  shared = [x for x in jax.tree_util.tree_leaves(cal, is_leaf=lambda x: isinstance(
+      x, qws_jax.SharedArray)) if isinstance(x, qws_jax.SharedArray)]
+  assert len(shared) == 6 * _TINY.layers
+  for sa in shared:
+    qws_jax.validate_shared_array(sa)
+    assert sa.codebook.dtype == jnp.float16 and sa.num_outliers > 0
+  assert err(cal) < err(plain)
+  fast = jax.jit(qws_jax.apply(model.apply))({"params": cal}, ids, mask)
+  slow = model.apply({"params": qws_jax.unshare(cal)}, ids, mask)
+  np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-4, atol=1e-4)

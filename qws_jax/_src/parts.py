@@ -72,6 +72,11 @@ def add_pruned_zero(w: types.SharedArray, zero: jax.Array) -> types.SharedArray:
                              sparse=True)
 
 
+def stack(leaves, lead: tuple[int, ...]):
+  """Compressed leaves of one slice shape stacked into one leaf with stack shape ``lead``."""
+  return jax.tree.map(lambda *a: jnp.stack(a).reshape(tuple(lead) + a[0].shape), *leaves)
+
+
 def map_stacked(x: jax.Array, stack_axes: int, one: Callable[[jax.Array, int], object]):
   """``one(slice, i)`` over the leading ``stack_axes`` axes of ``x``, results stacked.
 
@@ -80,8 +85,7 @@ def map_stacked(x: jax.Array, stack_axes: int, one: Callable[[jax.Array, int], o
   """
   lead = tuple(x.shape[:stack_axes])
   flat = x.reshape((math.prod(lead),) + tuple(x.shape[stack_axes:]))
-  outs = [one(flat[i], i) for i in range(flat.shape[0])]
-  return jax.tree.map(lambda *a: jnp.stack(a).reshape(lead + a[0].shape), *outs)
+  return stack([one(flat[i], i) for i in range(flat.shape[0])], lead)
 
 
 def has_parts(w) -> bool:
