@@ -485,7 +485,8 @@ def share(params, k: int = 32, *, axis: int | None = None, group_size: int | Non
   Scanned layers: ``stack_axes=s`` treats the leading ``s`` axes of a leaf as stacked
   layers (``nn.scan`` / ``nnx.vmap`` params of shape ``(layers, ...)``): each slice gets
   its own codebook, and the result is a stacked `SharedArray` that ``scan`` slices like
-  an array. Usually set per leaf: ``Rule(r"layers", stack_axes=1)``.
+  an array. Usually set per leaf: ``Rule(r"layers/.*/kernel$", stack_axes=1)`` (a rule
+  selects what it matches, so keep stacked biases out of its pattern).
 
   Args:
     params: any pytree of arrays (linen ``{'params': ...}``, nested containers,
