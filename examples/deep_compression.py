@@ -324,7 +324,7 @@ def _error(apply_fn, params, data) -> float:
   return 100.0 * (1.0 - accuracy(apply_fn, params, data[2], data[3]))
 
 
-def deep_compression(name, model, data, *, epochs, k_bits=None, workdir):
+def deep_compression(name, model, data, *, epochs, method, keep_scale, workdir):
   """Runs the three stages on one net; returns its rows and the checkpoint figures."""
   paper = PAPER[name]
   n = data[0].shape[0]
@@ -337,7 +337,7 @@ def deep_compression(name, model, data, *, epochs, k_bits=None, workdir):
   params = _train(model.apply, params, optax.adam(sched), data, steps(epochs[0]), key)
   rows = [("dense", _error(model.apply, params, data), 1.0, dense_bytes)]
   # 2. prune at the paper's per-layer rates, retrain with the pruned weights held at 0.
-  rules = [qws_jax.Rule(rf"^{layer}/kernel$", sparsity=1.0 - keep)
+  rules = [qws_jax.Rule(rf"^{layer}/kernel$", sparsity=1.0 - keep * keep_scale)
            for layer, (keep, _) in paper["layers"].items()]
   pruned = qws_jax.prune(params, 0.0, rules=rules, predicate=_weights)
   err_pruned0 = _error(model.apply, pruned, data)
@@ -354,7 +354,8 @@ def deep_compression(name, model, data, *, epochs, k_bits=None, workdir):
   # indices are what the checkpoint stores.
   share_rules = [qws_jax.Rule(rf"^{layer}/kernel$", k=2 ** bits)
                  for layer, (_, bits) in paper["layers"].items()]
-  shared = qws_jax.share(pruned, sparse=True, rules=share_rules, predicate=lambda p, l: False)
+  shared = qws_jax.share(pruned, sparse=True, rules=share_rules, predicate=lambda p, l: False,
+                         method=method)
   capply = qws_jax.apply(model.apply)
   rows.append(("shared (no fine-tune)", _error(capply, shared, data), None, None))
   tx = qws_jax.codebook_optimizer(optax.adam(optax.cosine_decay_schedule(1e-4, steps(epochs[2]))))
@@ -382,6 +383,12 @@ def main(argv=None):
   ap.add_argument("--quick", action="store_true", help="short schedules (smoke test)")
   ap.add_argument("--sweep", action="store_true", help="the k sweep on digits and MNIST-1D")
   ap.add_argument("--no-write", action="store_true", help="do not write RESULTS.md / the PNG")
+  ap.add_argument("--method", default="lloyd", choices=("lloyd", "dp"),
+                  help="k-means of the non-zeros: 'lloyd' from a linear init (the paper's),"
+                       " or 'dp' (the MSE-optimal one)")
+  ap.add_argument("--nets", default="LeNet-300-100,LeNet-5", help="comma-separated nets to run")
+  ap.add_argument("--keep-scale", type=float, default=1.0,
+                  help="multiplies the paper's kept fraction of every layer (1: the paper's)")
   args, rest = ap.parse_known_args(argv)
   if args.sweep:
     return sweep_main(rest + (["--no-write"] if args.no_write else []))
@@ -394,8 +401,11 @@ def main(argv=None):
   results = {}
   t0 = time.time()
   try:
-    for name, model in (("LeNet-300-100", LeNet300()), ("LeNet-5", LeNet5())):
-      results[name] = deep_compression(name, model, data, epochs=epochs, workdir=workdir)
+    nets = [n for n in (("LeNet-300-100", LeNet300()), ("LeNet-5", LeNet5()))
+            if n[0] in args.nets.split(",")]
+    for name, model in nets:
+      results[name] = deep_compression(name, model, data, epochs=epochs, method=args.method,
+                                       keep_scale=args.keep_scale, workdir=workdir)
       rows, info = results[name]
       print(f"[{name}] {info['seconds']:.0f}s", flush=True)
       for stage, err, factor, size in rows:
@@ -407,7 +417,7 @@ def main(argv=None):
   body = [f"Real MNIST, {SPLIT}. Test error on the 1,000 held-out digits; compression = "
           "float32 parameter bytes / bytes of the whole `qws_jax.save` checkpoint directory "
           "on disk (Orbax's metadata files included). Per-layer pruning rates and bits as in "
-          "the paper (Tables 2-3); schedules: "
+          f"the paper (Tables 2-3), kept fractions times {args.keep_scale:g}; schedules: "
           f"{epochs[0]} epochs dense (Adam), {epochs[1]} epochs retraining after pruning "
           f"(`qws_jax.prune_optimizer`), {epochs[2]} epochs codebook fine-tuning "
           "(`qws_jax.codebook_optimizer`), batch 64. One seed (0).", ""]
