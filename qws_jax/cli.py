@@ -128,17 +128,22 @@ def _print_report(params, compressed, *, disk_bytes=None, out=None) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
-def _share_leaf(leaf, options):
-  import qws_jax  # pylint: disable=g-import-not-at-top
-  share = getattr(qws_jax, "share", None)
-  if share is None:
-    raise CliError("this qws_jax build has no qws_jax.share yet")
-  return share(leaf, predicate=lambda *_: True, **options)
+def _enable_compilation_cache() -> None:
+  """Turns on JAX's persistent compilation cache, so a second run starts warm.
+
+  The directory is ``$QWS_JAX_CACHE_DIR`` (default ``~/.cache/qws_jax/jax``); set it to
+  an empty string to turn the cache off.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.environ.get("QWS_JAX_CACHE_DIR",
+                        os.path.join(os.path.expanduser("~"), ".cache", "qws_jax", "jax"))
+  if path and jax.config.jax_compilation_cache_dir is None:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def _cmd_compress(args) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from qws_jax._src import checkpoint  # pylint: disable=g-import-not-at-top
   from qws_jax._src import tree as tree_lib  # pylint: disable=g-import-not-at-top
   if os.path.lexists(args.out):
@@ -180,21 +185,12 @@ def _cmd_compress(args) -> int:
   if not selected:
     raise CliError("no leaf selected for compression (check --include/--exclude; by default"
                    " floating leaves with ndim >= 2 and >= 1024 elements)")
-  bar = tqdm(total=len(selected), desc="sharing", unit="leaf", file=sys.stderr,
-             disable=args.quiet or None)
-
-  def compress_leaf(path, leaf, opts):
-    bar.set_postfix_str(path[-40:], refresh=False)
-    try:
-      out = _share_leaf(leaf, opts)
-    except (ValueError, TypeError) as e:
-      raise CliError(f"cannot share leaf {path!r}: {e}") from None
-    bar.update(1)
-    return out
-
-  compressed = tree_lib.map_selected(params, compress_leaf, defaults=options,
-                                     predicate=predicate, rules=(), what="qws-jax compress")
-  bar.close()
+  _enable_compilation_cache()
+  import qws_jax  # pylint: disable=g-import-not-at-top
+  try:  # one call: leaves of the same row bucket are clustered together
+    compressed = qws_jax.share(params, predicate=predicate, progress=not args.quiet, **options)
+  except (ValueError, TypeError) as e:
+    raise CliError(f"cannot share: {e}") from None
   t1 = time.perf_counter()
   checkpoint.save(args.out, compressed, force=args.force, compress=not args.no_zstd)
   t2 = time.perf_counter()

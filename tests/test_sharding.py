@@ -206,10 +206,9 @@ def checkpoint():
   # Every stored array is handed to Orbax with its target sharding (read shard by shard).
   from qws_jax._src import checkpoint as ckpt
   meta = ckpt.read_metadata(path)
-  want = {tree_lib.path_str(p): l for p, l in jax.tree_util.tree_flatten_with_path(
-      target, is_leaf=lambda v: isinstance(v, (qws_jax.SharedArray, qws_jax.HashedArray)))[0]}
-  by_key = ckpt._target_shardings(meta["tree"], "", want, {})
-  stored = [r for _, r in ckpt._array_refs(meta["tree"], "", []) if r.get("key") is not None]
+  refs = ckpt._array_refs(meta["tree"])
+  by_key = ckpt._target_shardings(refs, target)
+  stored = [r for _, r in refs if r.get("key") is not None]
   flat_t = jax.tree_util.tree_leaves(tree)
   flat_g = jax.tree_util.tree_leaves(got)
   flat_s = jax.tree_util.tree_leaves(shardings)

@@ -195,3 +195,88 @@ def test_unshare_names_leaf_with_unknown_hash_version():
                           seed=1, version=99)
   with pytest.raises(ValueError, match="'layer/kernel'.*hash version 99"):
     qws_jax.unshare({"layer": {"kernel": h}})
+
+
+# ----------------------------------------------------------------------------- issue 12
+
+
+def test_weights_matched_by_key_tuples_not_joined_strings():
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((64, 32)), jnp.float32)
+  imp = jnp.where(jnp.abs(x) > 2.0, 1000.0, 1.0)
+  # "a/kernel" as one key and a nested {"a": {"kernel": ...}} join to the same string.
+  params = {"a/kernel": x, "a": {"kernel": x}}
+  s = qws_jax.share(params, k=4, weights={"a/kernel": imp, "a": {"kernel": None}})
+  plain = qws_jax.share({"w": x}, k=4)["w"]
+  weighted = qws_jax.share({"w": x}, k=4, weights={"w": imp})["w"]
+  np.testing.assert_array_equal(np.asarray(s["a/kernel"].codebook),
+                                np.asarray(weighted.codebook))
+  np.testing.assert_array_equal(np.asarray(s["a"]["kernel"].codebook),
+                                np.asarray(plain.codebook))
+
+
+def test_weights_entry_for_an_unselected_leaf_is_an_error():
+  p = _params()
+  ones = jnp.ones((32,), jnp.float32)
+  with pytest.raises(ValueError, match="params/Dense_0/bias"):
+    qws_jax.share(p, k=4, weights={"params": {"Dense_0": {"bias": ones}}})
+  with pytest.raises(ValueError, match="nope"):
+    qws_jax.share(p, k=4, weights={"nope": ones})
+  # None where not needed is fine.
+  s = qws_jax.share(p, k=4, weights={"params": {"Dense_0": {"kernel": None, "bias": None}}})
+  assert isinstance(s["params"]["Dense_0"]["kernel"], qws_jax.SharedArray)
+
+
+@pytest.mark.parametrize("layout", [{}, {"axis": -1}, {"group_size": 16}])
+def test_all_zero_importances_fall_back_to_unweighted(layout):
+  x = jnp.asarray(np.random.default_rng(7).standard_normal((64, 32)), jnp.float32)
+  zero = jnp.zeros_like(x)
+  s = qws_jax.share({"w": x}, k=8, weights={"w": zero}, **layout)["w"]
+  plain = qws_jax.share({"w": x}, k=8, **layout)["w"]
+  np.testing.assert_array_equal(np.asarray(s.codebook), np.asarray(plain.codebook))
+  assert float(jnp.mean((s.materialize() - x) ** 2)) < 0.05 * float(jnp.var(x))
+
+
+def test_float64_leaves_keep_float64_codebooks():
+  x = np.random.default_rng(8).standard_normal((64, 32))  # NumPy float64
+  s = qws_jax.share({"w": x}, k=8)["w"]
+  assert s.dtype == np.float64 and s.codebook.dtype == np.float64
+  qws_jax.validate_shared_array(s, "w")
+  with jax.enable_x64(True):
+    y = np.asarray(s.materialize())
+  assert y.dtype == np.float64 and np.mean((y - x) ** 2) < 0.05
+
+
+def test_host_packing_matches_packing_pack():
+  from qws_jax._src import packing, share as share_lib
+  rng = np.random.default_rng(9)
+  for bits in range(1, 9):
+    idx = rng.integers(0, 2**bits, (5, 37))
+    np.testing.assert_array_equal(share_lib._pack_np(idx, bits),
+                                  np.asarray(packing.pack(jnp.asarray(idx), bits)))
+
+
+def test_leaves_of_many_shapes_share_compiled_programs():
+  # Rows of the same bucket from leaves of different shapes run in the same programs:
+  # a second tree with new shapes (same buckets) compiles nothing new for k-means.
+  from qws_jax._src import kmeans as km
+  rng = np.random.default_rng(10)
+  a = {f"w{i}": jnp.asarray(rng.standard_normal((40 + i, 48)), jnp.float32) for i in range(3)}
+  b = {f"w{i}": jnp.asarray(rng.standard_normal((50 + i, 48)), jnp.float32) for i in range(3)}
+  qws_jax.share(a, k=4, axis=-1)
+  before = km._short_chunk._cache_size()
+  qws_jax.share(b, k=4, axis=-1)
+  assert km._short_chunk._cache_size() == before
+
+
+def test_progress_bar(capsys):
+  qws_jax.share(_params(), k=4, progress=True)
+  assert "share" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(k=1), "k must be"), (dict(group_size=0), "group_size"),
+    (dict(vector_dim=3), "vector_dim"), (dict(axis=0, group_size=4), "not both"),
+])
+def test_rule_checked_when_built(kw, match):
+  with pytest.raises(ValueError, match=r"Rule\('x'\).*" + match):
+    qws_jax.Rule("x", **kw)

@@ -1,28 +1,23 @@
 """jit-compiled k-means: exact-quality 1-D clustering and vector k-means.
 
-1-D algorithm (``method="dp"``, the default), all static shapes, no data-dependent sort
-on the hot path for large inputs; three jitted stages vmapped over codebook groups:
+1-D algorithm (``method="dp"``, the default), all static shapes, see docs/design.md:
 
-1. **Fine atoms.** Rows longer than ``sort_threshold`` go into a histogram keyed by the
-   top 16 (k <= 32) or 18 bits of an order-preserving uint32 image of the float32 value
-   (relative bin width ``2**-7`` / ``2**-9``). Each bin keeps its weight and the weighted
-   sum of ``x - bin_low`` (accurate means). Shorter rows (channels, groups) are sorted
-   and each value is an atom.
-2. **Coarse atoms.** Fine atoms are merged into ``M = num_atoms`` contiguous coarse atoms
-   of equal mass under ``p(x)**(1/3)`` (the density of optimal high-resolution quantizer
-   levels), with an empirical density that gives isolated outliers their own atoms. When
-   there are at most ``M`` non-empty fine atoms each becomes its own coarse atom, so
-   tensors with few distinct values are clustered exactly.
-3. **Exact dynamic program** over the coarse atoms (Ckmeans.1d.dp / Grønlund et al.):
-   ``D[m][j] = min_i D[m-1][i] + cost(i, j)``, each layer solved by divide and conquer on
-   the monotone argmin, one equal-sized vectorised step per recursion level, in float64.
-4. **Lloyd polish** on the fine atoms from the DP centroids (prefix sums, ``O(k log F)``
-   per iteration; it never increases the objective), one exact Lloyd step on the raw
-   values for histogrammed rows at large k, and the exact nearest-centroid assignment.
+* **Short rows** (``n <= sort_threshold``: channels, groups, small tensors) are padded
+  to a power-of-two row bucket and run in fixed-size chunks of rows (one compiled
+  program per (k, bucket, chunk)). Per row: one sort; coarse atoms of equal mass under
+  ``p(x)**(1/3)`` when the row is longer than ``num_atoms``; the exact DP on the atoms
+  (dense min-plus up to `DENSE_MAX_ATOMS`, divide and conquer above); when atoms were
+  merged, a windowed boundary DP (`_window_refine`) and a Lloyd polish; assignment.
+* **Long rows** are histogrammed (top 16 / 18 bits of an order-preserving uint32 image
+  of the float32 value) in fixed blocks; coarse atoms, the divide-and-conquer exact DP
+  (float64) and a Lloyd polish run on the histogram (`centroids_from_hist`, compiled
+  once per k); then blocked assignment and, for k >= 64, one exact Lloyd step.
 
-The result is within ``1.001x`` of the optimal MSE in our benchmarks (see
-``benchmarks/RESULTS.md``), including heavy-tailed transformer weights, where Lloyd from
-any init stalls at 1.04-1.14x.
+The stages that see the data (`hist_stats_blocks`, `assign_refine`) take an optional
+``axis_name`` and ``psum`` their statistics, so the sharded layer runs the same code
+under ``shard_map``. The result is within ``1.001x`` of the optimal MSE in our
+benchmarks (``benchmarks/RESULTS.md``), including heavy-tailed transformer weights,
+where Lloyd from any init stalls at 1.04-1.14x.
 """
 
 from __future__ import annotations
@@ -98,17 +93,6 @@ def hist_stats(x, w, bits: int) -> jax.Array:
   bins = fine_bins(x, bits)
   off = x - fine_bin_low(bits)[bins]
   return jax.ops.segment_sum(jnp.stack([w, w * off], -1), bins, 1 << bits)
-
-
-def _histogram_atoms(x, w, bits: int):
-  """Fine atoms from a histogram: (weight, mean) per bin, sorted by value."""
-  return hist_means(hist_stats(x, w, bits))
-
-
-def _sorted_atoms(x, w):
-  """Fine atoms of a short row: its values sorted, with their weights."""
-  order = jnp.argsort(x)
-  return w[order], x[order]
 
 
 def _neighbour_gaps(cw, mean):
@@ -292,6 +276,34 @@ def _assign_sorted(cent, values):
   return jnp.searchsorted(mid, values, side="left").astype(jnp.int32)
 
 
+def _assign_binned(cent, x):
+  """Exact nearest-centroid assignment of histogrammed values in O(n) gathers.
+
+  The cluster of each bin's low edge comes from a table over the bins; a value can only
+  lie in that cluster or a later one, so it steps forward while it is past the next
+  midpoint (usually zero or one step: bins are much narrower than clusters).
+  Same result as `_assign_sorted` (ties go to the lower centroid).
+  """
+  k = cent.shape[0]
+  bits = fine_bits(k)
+  bins = fine_bins(x, bits)
+  low = _bin_low(jnp.arange(1 << bits, dtype=jnp.int32), bits)
+  table = _assign_sorted(cent, low)
+  mid = jnp.concatenate([0.5 * (cent[1:] + cent[:-1]), jnp.full((1,), jnp.inf, cent.dtype)])
+  c = table[bins]
+
+  def cond(state):
+    return state[1]
+
+  def body(state):
+    c, _ = state
+    step = (x > mid[c]).astype(jnp.int32)
+    return c + step, jnp.any(step > 0)
+
+  c, _ = jax.lax.while_loop(cond, body, (c, jnp.bool_(True)))
+  return jnp.minimum(c, k - 1)
+
+
 def _lloyd_prefix(cent, fw, fm, iters: int):
   """Weighted Lloyd on sorted fine atoms in O(k log F) per iteration via prefix sums.
 
@@ -369,15 +381,6 @@ def _init_1d(am, aw, k, init, key):
 
 # --------------------------------------------------------------------------- 1-D
 
-def _atoms_stage(x, w, key, *, k, method, init, num_atoms, sort_threshold):
-  """Stage 1 (one group): fine atoms, then coarse atoms (dp) or initial centroids (lloyd)."""
-  if x.shape[0] > sort_threshold:
-    fw, fm = _histogram_atoms(x, w, fine_bits(k))
-  else:
-    fw, fm = _sorted_atoms(x, w)
-  return atoms_from_fine(fw, fm, key, k=k, method=method, init=init, num_atoms=num_atoms)
-
-
 def hist_means(stats):
   """Fine-atom weights and means from histogram sums ``(2**bits, 2)`` (`hist_stats`)."""
   bits = stats.shape[0].bit_length() - 1
@@ -408,124 +411,394 @@ def refine_steps(k: int, hist: bool) -> int:
   return 1 if hist and k >= 64 else 0
 
 
-def _dp_stage(aw, am, *, k):
-  """Stage 2 (one group): exact DP on the coarse atoms -> starting centroids."""
-  cent, used = _dp_centroids(aw, am, k)
+# --------------------------------------------------------------------------- short rows
+
+SORT_THRESHOLD = 65536  # rows up to this length are sorted, longer rows histogrammed
+DENSE_MAX_ATOMS = 256  # the dense (min-plus) DP up to this many atoms, divide and conquer above
+SHORT_CHUNK_VALUES = 1 << 18  # values per compiled call of the short-row path
+HIST_BLOCK = 1 << 18  # values per compiled call of the histogram path
+WHOLE_ROW = 1 << 22  # longer rows are histogrammed and assigned in one call
+REFINE_WIDTH = 8  # `_window_refine`: sorted values each side of a boundary
+REFINE_ROUNDS = 3
+
+
+def _dense_dp(aw, am, k: int):
+  """Optimal k-clustering of ``M`` sorted weighted atoms: the full ``O(k M^2)`` DP.
+
+  Written as dense min-plus products against one ``(M + 1, M + 1)`` cost matrix (built
+  once in float64 from prefix sums, then float32), which vectorises far better on CPUs
+  than a divide and conquer when ``M`` is small; the argmins are recovered by a backward
+  pass over the stored layers (no argmin in the forward loop). Returns ``(centroids (k,)
+  float32, used (k,) bool)`` as `_dp_centroids`.
+  """
+  m = aw.shape[0]
+  with jax.enable_x64(True):
+    w = aw.astype(jnp.float64)
+    x = am.astype(jnp.float64)
+    tot = jnp.sum(w)
+    ref = jnp.sum(w * x) / jnp.where(tot > 0, tot, 1.0)
+    xc = x - ref
+    zero = jnp.zeros((1,), jnp.float64)
+    cw = jnp.concatenate([zero, jnp.cumsum(w)])
+    c1 = jnp.concatenate([zero, jnp.cumsum(w * xc)])
+    c2 = jnp.concatenate([zero, jnp.cumsum(w * xc * xc)])
+    dw = cw[:, None] - cw[None, :]  # [j, i]: atoms [i, j)
+    d1 = c1[:, None] - c1[None, :]
+    d2 = c2[:, None] - c2[None, :]
+    c = jnp.where(dw > 0, jnp.maximum(d2 - d1 * d1 / jnp.where(dw > 0, dw, 1.0), 0.0), 0.0)
+    ii = jnp.arange(m + 1)
+    cost = jnp.where(ii[None, :] <= ii[:, None], c, jnp.inf).astype(jnp.float32)
+
+  def layer(d, _):
+    return jnp.min(d[None, :] + cost, axis=1), d
+
+  if k > 1:
+    _, ds = jax.lax.scan(layer, cost[:, 0], None, length=k - 1)  # ds[l]: l + 1 clusters
+
+    def back(j, d):
+      i = jnp.argmin(d + cost[j]).astype(jnp.int32)
+      return i, i
+
+    _, starts = jax.lax.scan(back, jnp.int32(m), ds, reverse=True)
+    lo = jnp.concatenate([jnp.zeros((1,), jnp.int32), starts])
+    hi = jnp.concatenate([starts, jnp.array([m], jnp.int32)])
+  else:
+    lo = jnp.zeros((1,), jnp.int32)
+    hi = jnp.array([m], jnp.int32)
+  with jax.enable_x64(True):
+    sw = cw[hi] - cw[lo]
+    s1 = c1[hi] - c1[lo]
+    cent = ref + s1 / jnp.where(sw > 0, sw, 1.0)
+    return cent.astype(jnp.float32), sw > 0
+
+
+def dp_centroids(aw, am, k: int):
+  """Exact DP on sorted atoms (dense up to `DENSE_MAX_ATOMS`), empty clusters filled."""
+  fn = _dense_dp if aw.shape[0] <= DENSE_MAX_ATOMS else _dp_centroids
+  cent, used = fn(aw, am, k)
   return _fill_empty(cent, used)
 
 
-def _assign_binned(cent, x):
-  """Exact nearest-centroid assignment of histogrammed values in O(n) gathers.
+def _first_index(mask, axis):
+  """Index of the first True along ``axis`` (int32; argmin of float64 is avoided)."""
+  n = mask.shape[axis]
+  shape = [1] * mask.ndim
+  shape[axis] = n
+  idx = jnp.arange(n, dtype=jnp.int32).reshape(shape)
+  return jnp.min(jnp.where(mask, idx, n), axis=axis)
 
-  The cluster of each bin's low edge comes from a table over the bins; a value can only
-  lie in that cluster or a later one, so it steps forward while it is past the next
-  midpoint (usually zero or one step: bins are much narrower than clusters).
-  Same result as `_assign_sorted` (ties go to the lower centroid).
+
+def _window_refine(cent, fw, fm, *, width: int, rounds: int):
+  """Moves the ``k - 1`` cluster boundaries to their best positions within ``width``
+  sorted atoms of where they are, jointly (an exact DP over the windows), ``rounds``
+  times. Starting from the DP on coarse atoms, whose boundaries are within a coarse
+  atom of the optimum's, this recovers the optimum on most rows, at ``O(k width^2)``
+  per round instead of the ``O(k F^2)`` of the full DP. It cannot reach a different
+  configuration of clusters: on MiniLM channel rows at k=16, 5-8 % of rows stay up to
+  1.02x above the optimum (see benchmarks/RESULTS.md).
+
+  Returns sorted centroids ``(k,)`` float32 (empty clusters filled).
   """
   k = cent.shape[0]
-  bits = fine_bits(k)
-  bins = fine_bins(x, bits)
-  low = _bin_low(jnp.arange(1 << bits, dtype=jnp.int32), bits)
-  table = _assign_sorted(cent, low)
-  mid = jnp.concatenate([0.5 * (cent[1:] + cent[:-1]), jnp.full((1,), jnp.inf, cent.dtype)])
-  c = table[bins]
+  f = fw.shape[0]
+  t = 2 * width + 1
+  with jax.enable_x64(True):
+    w = fw.astype(jnp.float64)
+    x = fm.astype(jnp.float64)
+    ref = jnp.sum(w * x) / jnp.maximum(jnp.sum(w), 1e-300)
+    xc = x - ref
+    zero = jnp.zeros((1,), jnp.float64)
+    cw = jnp.concatenate([zero, jnp.cumsum(w)])
+    c1 = jnp.concatenate([zero, jnp.cumsum(w * xc)])
+    c2 = jnp.concatenate([zero, jnp.cumsum(w * xc * xc)])
 
-  def cond(state):
-    return state[1]
+    def cost(i, j):
+      dw = cw[j] - cw[i]
+      d1 = c1[j] - c1[i]
+      c = jnp.maximum(c2[j] - c2[i] - d1 * d1 / jnp.where(dw > 0, dw, 1.0), 0.0)
+      return jnp.where(i > j, jnp.inf, jnp.where(dw > 0, c, 0.0))
 
-  def body(state):
-    c, _ = state
-    step = (x > mid[c]).astype(jnp.int32)
-    return c + step, jnp.any(step > 0)
+    def one_round(b, _):
+      offs = jnp.arange(-width, width + 1, dtype=jnp.int32)
+      cand = jnp.clip(b[:, None] + offs[None, :], 0, f)
+      e0 = cost(jnp.zeros((t,), jnp.int32), cand[0])
 
-  c, _ = jax.lax.while_loop(cond, body, (c, jnp.bool_(True)))
-  return jnp.minimum(c, k - 1)
+      def step(e, pair):
+        prev, cur = pair
+        tot = e[:, None] + cost(prev[:, None], cur[None, :])  # (t_prev, t_cur)
+        best = jnp.min(tot, axis=0)
+        return best, _first_index(tot <= best[None, :], axis=0)
+
+      e, args = jax.lax.scan(step, e0, (cand[:-1], cand[1:]))
+      tot = e + cost(cand[-1], jnp.full((t,), f, jnp.int32))
+      last = _first_index(tot <= jnp.min(tot), axis=0)
+
+      def back(s, arg):  # s: choice at boundary i + 1 -> choice at boundary i
+        return arg[s], arg[s]
+
+      _, sel = jax.lax.scan(back, last, args, reverse=True)
+      sel = jnp.concatenate([sel, last[None]])
+      return jnp.take_along_axis(cand, sel[:, None], 1)[:, 0].astype(jnp.int32), None
+
+    mid = 0.5 * (cent[1:] + cent[:-1])
+    b = jnp.searchsorted(fm, mid.astype(fm.dtype), side="right").astype(jnp.int32)
+    if k > 1:
+      b, _ = jax.lax.scan(one_round, b, None, length=rounds)
+    lo = jnp.concatenate([jnp.zeros((1,), jnp.int32), b])
+    hi = jnp.concatenate([b, jnp.full((1,), f, jnp.int32)])
+    sw = cw[hi] - cw[lo]
+    s1 = c1[hi] - c1[lo]
+    new = (ref + s1 / jnp.where(sw > 0, sw, 1.0)).astype(jnp.float32)
+    used = sw > 0
+  return jnp.sort(_fill_empty(new, used))
 
 
-def _finish_stage(x, w, fw, fm, cent, *, iters, refine, hist):
-  """Stage 3 (one group): Lloyd polish on the fine atoms, then ``refine`` exact Lloyd
-  steps on the raw values (the atoms are binned), exact nearest assignment."""
+def _assign_small(cent, values):
+  """Nearest centroid (ties to the lower one) by comparing with every midpoint (small k)."""
   k = cent.shape[0]
-  assign_fn = _assign_binned if hist else _assign_sorted
+  if k > 64:
+    return _assign_sorted(cent, values)
+  mid = 0.5 * (cent[1:] + cent[:-1])
+  return jnp.sum(values[:, None] > mid[None, :], axis=1, dtype=jnp.int32)
+
+
+def _short_row(x, w, key, *, k, method, init, num_atoms, iters):
+  """One short row: sort, coarse atoms, exact DP (or Lloyd init), polish, assign."""
+  # Zero-weight values (padding, ragged groups) go last, at the largest real value, so
+  # that index windows over the sorted values only ever span real values.
+  _, xs, ws = jax.lax.sort(((w <= 0).astype(jnp.int32), x, w), num_keys=2)
+  top = jnp.max(jnp.where(ws > 0, xs, -jnp.inf))
+  xs = jnp.where((ws > 0) | ~jnp.isfinite(top), xs, top)
+  if method == "dp":
+    if num_atoms < x.shape[0]:
+      _, _, aw, am = atoms_from_fine(ws, xs, key, k=k, method=method, init=init,
+                                     num_atoms=num_atoms)
+    else:
+      aw, am = ws, xs
+    cent = dp_centroids(aw, am, k)
+  else:
+    cent = _init_1d(xs, ws, k, init, key)
+  if method == "dp" and num_atoms < x.shape[0]:
+    cent = _window_refine(cent, ws, xs, width=REFINE_WIDTH, rounds=REFINE_ROUNDS)
+  if iters:
+    cent, used, _ = _lloyd_prefix(cent, ws, xs, iters)
+    cent = jnp.sort(_fill_empty(cent, used))
+  return cent, _assign_small(cent, x)
+
+
+def _map_batch(num_atoms: int) -> int:
+  """Rows per vectorised step of the short-row map: keeps the cost matrices in cache."""
+  return max(1, min(64, 1 << ((1 << 17) // (num_atoms + 1) ** 2).bit_length() >> 1))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "method", "init", "num_atoms", "iters",
+                                             "impl"))
+def _short_chunk(x, w, key_data, *, k, method, init, num_atoms, iters, impl):
+  fn = functools.partial(_short_row, k=k, method=method, init=init, num_atoms=num_atoms,
+                         iters=iters)
+  keys = jax.random.wrap_key_data(key_data, impl=impl)
+  return jax.lax.map(lambda a: fn(*a), (x, w, keys), batch_size=_map_batch(num_atoms))
+
+
+def row_bucket(n: int, sort_threshold: int = 65536) -> int:
+  """Padded length of a short row (a power of two >= 16); long rows keep ``n``."""
+  if n <= sort_threshold:
+    return max(16, 1 << (n - 1).bit_length())
+  return n
+
+
+def _chunk_rows(g: int, size: int) -> int:
+  """Rows per compiled call: ``SHORT_CHUNK_VALUES // size``, or fewer rows (a power of
+  two) when there are fewer; so each (k, row bucket) compiles a handful of programs."""
+  full = max(1, SHORT_CHUNK_VALUES // size)
+  return full if g >= full else 1 << (g - 1).bit_length()
+
+
+def _xp(*arrays):
+  """numpy for concrete host-side work (no per-shape compilation), jnp under tracing."""
+  return jnp if any(isinstance(a, jax.core.Tracer) for a in arrays) else np
+
+
+def _short_rows(x, w, keys, *, k, method, init, num_atoms, iters):
+  """Short rows ``(G, n)``: padded to a row bucket and run in fixed-size chunks."""
+  xp = _xp(x, w)
+  g, n = x.shape
+  size = row_bucket(n)
+  rows = _chunk_rows(g, size)
+  gp = -(-g // rows) * rows
+  x = xp.asarray(x, np.float32)
+  w = xp.asarray(w, np.float32)
+  impl = str(jax.random.key_impl(keys))
+  kd = jax.random.key_data(keys)
+  kd = kd if xp is jnp else np.asarray(kd)
+  if size != n or gp != g:
+    # Padding copies a real value of the row with zero weight; padded rows are dummies.
+    x = xp.concatenate([x, xp.broadcast_to(x[:, :1], (g, size - n))], axis=1)
+    x = xp.concatenate([x, xp.zeros((gp - g, size), np.float32)], axis=0)
+    w = xp.pad(w, ((0, gp - g), (0, size - n)))
+    kd = xp.concatenate([kd, xp.broadcast_to(kd[:1], (gp - g,) + kd.shape[1:])])
+  cents, assigns = [], []
+  for s in range(0, gp, rows):
+    c, a = _short_chunk(x[s:s + rows], w[s:s + rows], kd[s:s + rows], k=k, method=method,
+                        init=init, num_atoms=num_atoms, iters=iters, impl=impl)
+    cents.append(c)
+    assigns.append(a)
+  cat = jnp.concatenate if xp is jnp else (lambda v: np.concatenate([np.asarray(a) for a in v]))
+  cent = cat(cents) if len(cents) > 1 else cents[0]
+  assign = cat(assigns) if len(assigns) > 1 else assigns[0]
+  return cent[:g], assign[:g, :n]
+
+
+# --------------------------------------------------------------------------- long rows
+
+
+def hist_stats_blocks(x, w, bits: int, *, axis_name=None):
+  """Fine-bin statistics of a long row, in `HIST_BLOCK`-sized compiled calls.
+
+  With ``axis_name`` (inside ``shard_map``) the local sums are reduced over those mesh
+  axes with ``psum``. Offsets are exact multiples of the bin's ulp, so the unweighted
+  sums do not depend on the block or device split while a bin holds < 2**10 values.
+  """
+  if axis_name is not None or isinstance(x, jax.core.Tracer):
+    xf = jnp.ravel(x).astype(jnp.float32)
+    wf = jnp.ones_like(xf) if w is None else jnp.ravel(w).astype(jnp.float32)
+    s = hist_stats(xf, wf, bits)
+    return s if axis_name is None else jax.lax.psum(s, axis_name)
+  xf = np.asarray(x, np.float32).reshape(-1)
+  wf = np.ones_like(xf) if w is None else np.asarray(w, np.float32).reshape(-1)
+  stats = None
+  for xb, wb in _blocks(xf, wf):
+    stats = _hist_acc(stats, xb, wb, bits=bits) if stats is not None else _hist_first(
+        xb, wb, bits=bits)
+  return stats
+
+
+def _blocks(xf, wf):
+  """Fixed `HIST_BLOCK`-sized blocks (the last one padded with zero weight); a row longer
+  than `WHOLE_ROW` is one block (one compilation per such size costs less than the
+  per-block dispatch and copies)."""
+  n = xf.shape[0]
+  if n > WHOLE_ROW:
+    yield xf, wf
+    return
+  for s in range(0, n, HIST_BLOCK):
+    xb, wb = xf[s:s + HIST_BLOCK], wf[s:s + HIST_BLOCK]
+    if xb.shape[0] < HIST_BLOCK:
+      pad = HIST_BLOCK - xb.shape[0]
+      xb = np.concatenate([xb, np.zeros((pad,), np.float32)])
+      wb = np.concatenate([wb, np.zeros((pad,), np.float32)])
+    yield xb, wb
+
+
+@functools.partial(jax.jit, static_argnames=("bits",))
+def _hist_first(xb, wb, *, bits):
+  return hist_stats(xb, wb, bits)
+
+
+@functools.partial(jax.jit, static_argnames=("bits",))
+def _hist_acc(acc, xb, wb, *, bits):
+  return acc + hist_stats(xb, wb, bits)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "method", "init", "num_atoms", "iters"))
+def centroids_from_hist(stats, key, *, k, method, init, num_atoms, iters):
+  """Sorted centroids ``(k,)`` from a fine-bin histogram ``(2**bits, 2)``: coarse atoms,
+  exact DP (or Lloyd init), Lloyd polish on the fine atoms. Compiled once per k."""
+  fw, fm = hist_means(stats)
+  _, _, a, b = atoms_from_fine(fw, fm, key, k=k, method=method, init=init,
+                               num_atoms=num_atoms)
+  cent = dp_centroids(a, b, k) if method == "dp" else a
   cent, used, _ = _lloyd_prefix(cent, fw, fm, iters)
-  cent = jnp.sort(_fill_empty(cent, used))
-  assign = assign_fn(cent, x)
+  return jnp.sort(_fill_empty(cent, used))
+
+
+def assign_refine(x, w, cent, *, refine: int, axis_name=None):
+  """Nearest centroid of every value of ``x`` (any shape) and ``refine`` exact Lloyd
+  steps on the raw values; the per-cluster sums are ``psum``-ed over ``axis_name``.
+  Returns ``(assignments int32 like x, centroids)``."""
+  k = cent.shape[0]
+  xf = jnp.ravel(x).astype(jnp.float32)
+  wf = jnp.ones_like(xf) if w is None else jnp.ravel(w).astype(jnp.float32)
+  assign = _assign_binned(cent, xf)
   for _ in range(refine):
-    stats = jax.ops.segment_sum(jnp.stack([w, w * (x - cent[assign])], -1), assign, k)
+    stats = jax.ops.segment_sum(jnp.stack([wf, wf * (xf - cent[assign])], -1), assign, k)
+    if axis_name is not None:
+      stats = jax.lax.psum(stats, axis_name)
     sw, s1 = stats[:, 0], stats[:, 1]
     cent = jnp.sort(cent + jnp.where(sw > 0, s1 / jnp.where(sw > 0, sw, 1.0), 0.0))
-    assign = assign_fn(cent, x)
-  return cent, assign
+    assign = _assign_binned(cent, xf)
+  return assign.reshape(x.shape), cent
 
 
-@functools.partial(jax.jit, static_argnames=("k", "method", "init", "num_atoms",
-                                             "sort_threshold"))
-def _atoms_batch(x, w, keys, *, k, method, init, num_atoms, sort_threshold):
-  fn = functools.partial(_atoms_stage, k=k, method=method, init=init, num_atoms=num_atoms,
-                         sort_threshold=sort_threshold)
-  return jax.vmap(fn)(x, w, keys)
+@functools.partial(jax.jit, static_argnames=("refine",))
+def _assign_refine_jit(x, w, cent, *, refine):
+  return assign_refine(x, w, cent, refine=refine)
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _dp_batch(aw, am, *, k):
-  return jax.vmap(functools.partial(_dp_stage, k=k))(aw, am)
+def _long_row(x, w, key, *, k, method, init, num_atoms, iters):
+  """One long row ``(n,)``: blocked histogram, DP on the histogram, assignment."""
+  bits = fine_bits(k)
+  stats = hist_stats_blocks(x, w, bits)
+  cent = centroids_from_hist(stats, key, k=k, method=method, init=init, num_atoms=num_atoms,
+                             iters=iters)
+  refine = refine_steps(k, True)
+  if isinstance(x, jax.core.Tracer) or refine:
+    # Refinement needs the whole row (global per-cluster sums).
+    assign, cent = _assign_refine_jit(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32),
+                                      cent, refine=refine)
+    return cent, assign
+  xf = np.asarray(x, np.float32)
+  out = [np.asarray(_assign_block(xb, cent)) for xb, _ in _blocks(xf, xf)]
+  return cent, np.concatenate(out)[:xf.shape[0]]
 
 
-@functools.partial(jax.jit, static_argnames=("iters", "refine", "hist"))
-def _finish_batch(x, w, fw, fm, cent, *, iters, refine, hist):
-  fn = functools.partial(_finish_stage, iters=iters, refine=refine, hist=hist)
-  return jax.vmap(fn)(x, w, fw, fm, cent)
+@jax.jit
+def _assign_block(xb, cent):
+  return _assign_small(cent, xb) if cent.shape[0] <= 32 else _assign_binned(cent, xb)
 
 
 def kmeans_1d_batch(x, w, keys, *, k, method="dp", init="linear", num_atoms=None,
                     polish_iters=1000, max_iters=300, sort_threshold=65536):
   """1-D k-means of each row of ``x`` ``(G, n)`` with weights ``w`` ``(G, n)``.
 
-  Three jitted stages, so that the dynamic program compiles once per ``(G, atoms, k)``
-  and is shared by all leaves with the same number of groups.
+  Short rows (``n <= sort_threshold``) are padded to a row bucket (a power of two) and
+  run in fixed-size chunks of rows, so a (k, bucket) pair compiles a handful of programs
+  whatever the number of rows; long rows are histogrammed in fixed-size blocks and
+  clustered on the histogram, compiled once per k. Concrete inputs are split on the host
+  (numpy), traced inputs with jnp (the same compiled pieces).
   Returns sorted centroids ``(G, k)`` float32 and int32 assignments ``(G, n)``.
   """
+  g, n = x.shape
+  if _xp(x, w) is np:  # host-side slicing: no compilation per leaf shape
+    x, w = np.asarray(x), np.asarray(w)
   if num_atoms is None:
-    num_atoms = default_num_atoms(k, x.shape[1], sort_threshold)
-  # Pad rows to a few bucket sizes (zero weight) so that the jitted stages compile for
-  # a handful of shapes rather than for every leaf shape.
-  n = x.shape[1]
-  size = _bucket(n, sort_threshold)
-  if size != n:
-    x = jnp.concatenate([x, jnp.broadcast_to(x[:, :1], (x.shape[0], size - n))], axis=1)
-    w = jnp.concatenate([w, jnp.zeros((w.shape[0], size - n), w.dtype)], axis=1)
-  fw, fm, a, b = _atoms_batch(x, w, keys, k=k, method=method, init=init,
-                              num_atoms=int(num_atoms), sort_threshold=int(sort_threshold))
-  if method == "dp":
-    cent = _dp_batch(a, b, k=k)
-    # With at most num_atoms fine atoms every value is its own atom: the DP is exact.
-    iters = 0 if size <= num_atoms else polish_iters
-  else:
-    cent = a
-    iters = max_iters
-  hist = size > sort_threshold
-  refine = refine_steps(k, hist)
-  cent, assign = _finish_batch(x, w, fw, fm, cent, iters=int(iters), refine=refine, hist=hist)
-  return cent, assign[:, :n]
-
-
-def _bucket(n: int, sort_threshold: int) -> int:
-  """Padded row length: a power of two (>= 256) up to the threshold, a multiple of
-  2**16 up to 2**22, and ``n`` itself above (where a padding copy would cost more than
-  the compilations it saves)."""
+    num_atoms = default_num_atoms(k, n, sort_threshold)
   if n <= sort_threshold:
-    return max(256, 1 << (n - 1).bit_length())
-  if n <= 1 << 22:
-    return -(-n // 65536) * 65536
-  return n
+    size = row_bucket(n, sort_threshold)
+    m = int(min(num_atoms, size))
+    if method == "dp":
+      iters = 0 if size <= m else polish_iters  # every value its own atom: exact
+    else:
+      iters = max_iters
+    return _short_rows(x, w, keys, k=k, method=method, init=init, num_atoms=m,
+                       iters=int(iters))
+  iters = polish_iters if method == "dp" else max_iters
+  cents, assigns = [], []
+  for r in range(g):
+    c, a = _long_row(x[r], w[r], keys[r], k=k, method=method, init=init,
+                     num_atoms=int(num_atoms), iters=int(iters))
+    cents.append(c)
+    assigns.append(a)
+  xp = _xp(x, w, *cents, *assigns)
+  return xp.stack(cents), xp.stack(assigns)
 
 
 def default_num_atoms(k: int, n: int | None = None, sort_threshold: int = 65536) -> int:
   """Coarse atoms of the DP: ``min(4096, max(1024, 16k))`` for histogrammed rows and
-  ``clip(16k, 128, 1024)`` for short (sorted) rows, where the DP is vmapped over many
-  channels or groups and dominates the cost."""
+  ``min(1024, max(128, 8k))`` for short (sorted) rows, where the DP runs once per channel
+  or group and dominates the cost (dense DP up to 256 atoms, k <= 32)."""
   if n is not None and n <= sort_threshold:
-    return min(1024, max(128, 16 * k))
+    return min(1024, max(128, 8 * k))
   return min(4096, max(1024, 16 * k))
 
 

@@ -51,9 +51,10 @@ from jax.sharding import PartitionSpec as P
 from qws_jax._src import hashing
 from qws_jax._src import kmeans as kmeans_lib
 from qws_jax._src import packing
+from qws_jax._src import share as share_lib
 from qws_jax._src import types
 
-SORT_THRESHOLD = 65536  # kmeans_1d_batch's default: larger groups use the histogram
+SORT_THRESHOLD = kmeans_lib.SORT_THRESHOLD  # larger rows use the histogram
 
 
 def named_sharding(x) -> NamedSharding | None:
@@ -210,61 +211,20 @@ def compressed_shardings(tree, reference):
 # --------------------------------------------------------------------------- per tensor
 
 
-def _local_flat(x):
-  return x.reshape(-1)
-
-
 def _hist_local(x, w=None, *, axes, bits):
-  """Local fine-bin statistics of a block, summed over the mesh ``axes``."""
-  x = _local_flat(x).astype(jnp.float32)
-  w = jnp.ones_like(x) if w is None else _local_flat(w).astype(jnp.float32)
-  return jax.lax.psum(kmeans_lib.hist_stats(x, w, bits), axes)
-
-
-@functools.partial(jax.jit, static_argnames=("k", "method", "init", "num_atoms"))
-def _atoms_from_hist(stats, keys, *, k, method, init, num_atoms):
-  """`qws_jax._src.kmeans._atoms_stage` after the histogram, batched over one group."""
-  def atoms(stats, key):
-    fw, fm = kmeans_lib.hist_means(stats)
-    return kmeans_lib.atoms_from_fine(fw, fm, key, k=k, method=method, init=init,
-                                      num_atoms=num_atoms)
-
-  return jax.vmap(atoms)(stats, keys)
-
-
-@functools.partial(jax.jit, static_argnames=("iters",))
-def _polish(fw, fm, cent, *, iters):
-  """The Lloyd polish of `qws_jax._src.kmeans._finish_stage` on the fine atoms."""
-  km = kmeans_lib
-
-  def one(fw, fm, cent):
-    cent, used, _ = km._lloyd_prefix(cent, fw, fm, iters)  # pylint: disable=protected-access
-    return jnp.sort(km._fill_empty(cent, used))  # pylint: disable=protected-access
-
-  return jax.vmap(one)(fw, fm, cent)
+  """Fine-bin statistics of a block, ``psum``-ed over the mesh ``axes`` (kmeans' stage)."""
+  return kmeans_lib.hist_stats_blocks(x, w, bits, axis_name=axes)
 
 
 def _centroids_from_hist(stats, key, *, k, method, init, num_atoms, iters):
-  """Stage 2 of the per-tensor path on the replicated histogram: sorted centroids ``(k,)``."""
-  keys = jax.random.split(key, 1)  # as the single-device path splits one key per group
-  fw, fm, a, b = _atoms_from_hist(stats[None], keys, k=k, method=method, init=init,
-                                  num_atoms=num_atoms)
-  cent = kmeans_lib._dp_batch(a, b, k=k) if method == "dp" else a  # pylint: disable=protected-access
-  return _polish(fw, fm, cent, iters=iters)[0]
+  """The per-tensor centroids on the replicated histogram: kmeans' own stage."""
+  return kmeans_lib.centroids_from_hist(stats, key, k=k, method=method, init=init,
+                                        num_atoms=num_atoms, iters=iters)
 
 
 def _assign_local(x, w, cent, *, axes, refine, bits, ishape_local):
-  """Stage 3 on a block: nearest centroid, ``refine`` global Lloyd steps, pack."""
-  k = cent.shape[0]
-  xf = _local_flat(x).astype(jnp.float32)
-  wf = jnp.ones_like(xf) if w is None else _local_flat(w).astype(jnp.float32)
-  assign = kmeans_lib._assign_sorted(cent, xf)  # pylint: disable=protected-access
-  for _ in range(refine):
-    stats = jax.ops.segment_sum(jnp.stack([wf, wf * (xf - cent[assign])], -1), assign, k)
-    stats = jax.lax.psum(stats, axes)
-    sw, s1 = stats[:, 0], stats[:, 1]
-    cent = jnp.sort(cent + jnp.where(sw > 0, s1 / jnp.where(sw > 0, sw, 1.0), 0.0))
-    assign = kmeans_lib._assign_sorted(cent, xf)  # pylint: disable=protected-access
+  """Assignment and ``refine`` global Lloyd steps on a block (kmeans' stage), then pack."""
+  assign, cent = kmeans_lib.assign_refine(x, w, cent, refine=refine, axis_name=axes)
   return packing.pack(assign.reshape(ishape_local), bits), cent
 
 
@@ -356,13 +316,14 @@ def _share_tensor(x, w, key, *, mesh, entries, k, method, init, num_atoms, iters
   stats = _hist_fn(mesh, spec, axes, bool(ws), kmeans_lib.fine_bits(k))(xs, *ws)
   # The histogram is replicated: stage 2 runs on one local copy (no leaf-sized data).
   stats0 = stats.addressable_shards[0].data
+  # The single-device path splits one key per row; the same key here.
+  key = jax.random.split(key, 1)[0]
   cent = _centroids_from_hist(stats0, jax.device_put(key, stats0.sharding), k=k,
                               method=method, init=init, num_atoms=num_atoms, iters=int(iters))
   cent = jax.device_put(cent, NamedSharding(mesh, P()))
   bits = types.bits_for(k)
   local = [d // _count(mesh, e) for d, e in zip(shape, entries)]
-  padded = kmeans_lib._bucket(int(np.prod(shape)), SORT_THRESHOLD)  # pylint: disable=protected-access
-  refine = kmeans_lib.refine_steps(k, padded > SORT_THRESHOLD)
+  refine = kmeans_lib.refine_steps(k, size > SORT_THRESHOLD)
   idx, cb = _assign_fn(mesh, spec, axes, refine, bits, tuple(local), bool(ws))(xs, *ws, cent)
   return idx, cb.astype(x.dtype)
 
@@ -429,7 +390,6 @@ def _work_entries_groups(shape, axis, group_size, vector_dim, bits, entries, mes
 
 def _share_groups(x, w, key, *, mesh, entries, k, axis, group_size, vector_dim, method, init,
                   num_atoms, polish_iters, max_iters, tol):
-  from qws_jax._src import share as share_lib  # pylint: disable=g-import-not-at-top
   shape = tuple(x.shape)
   spec = _spec(entries)
   local = tuple(d // _count(mesh, e) for d, e in zip(shape, entries))
@@ -466,6 +426,20 @@ def _share_groups(x, w, key, *, mesh, entries, k, axis, group_size, vector_dim, 
                              out_specs=(spec, cspec),
                              check_vma=False))
   return fn(xs, ws, keys)
+
+
+def _share_handler(job, single_device):
+  """`share`'s hook for a leaf spread over several devices (None for other leaves)."""
+  x = job.x
+  if named_sharding(x) is None:
+    return None
+  cfg = job.cfg
+  shape = tuple(x.shape)
+  return share_leaf(
+      x, job.w, job.key, k=cfg.k, axis=cfg.axis, group_size=cfg.group_size,
+      vector_dim=cfg.vector_dim, method=cfg.method, init=cfg.init, num_atoms=cfg.num_atoms,
+      polish_iters=cfg.polish_iters, max_iters=cfg.max_iters, tol=cfg.tol,
+      single_device=lambda xr, wr: single_device(xr, wr, job.key, shape=shape, cfg=cfg))
 
 
 # --------------------------------------------------------------------------- unshare
@@ -683,3 +657,7 @@ def tensor_parallel_matmul(x, w: types.SharedArray, matmul):
   y = jax.shard_map(local_fn, mesh=mesh, in_specs=(xspec, want.indices.spec, cspec),
                     out_specs=ospec, check_vma=False)(x2, idx, cb)
   return y.reshape(lead + (N,))
+
+
+share_lib.register_sharded_handler("share", _share_handler)
+share_lib.register_sharded_handler("materialize", materialize)
