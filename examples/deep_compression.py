@@ -420,7 +420,8 @@ def main(argv=None):
           f"the paper (Tables 2-3), kept fractions times {args.keep_scale:g}; schedules: "
           f"{epochs[0]} epochs dense (Adam), {epochs[1]} epochs retraining after pruning "
           f"(`qws_jax.prune_optimizer`), {epochs[2]} epochs codebook fine-tuning "
-          "(`qws_jax.codebook_optimizer`), batch 64. One seed (0).", ""]
+          "(`qws_jax.codebook_optimizer`), batch 64; k-means of the non-zeros:"
+          f" `share(sparse=True, method={args.method!r})`. One seed (0).", ""]
   for name, (rows, info) in results.items():
     paper = PAPER[name]
     body += [f"**{name}** (paper: {paper['error'][0]:.2f}% -> {paper['error'][1]:.2f}% error at "
