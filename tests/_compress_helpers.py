@@ -78,3 +78,26 @@ def hand_hash_tree(params, ratio: int = 4, min_size: int = 64):
       return x
     return hand_hashed(x, max(1, int(np.size(x)) // ratio))
   return jax.tree_util.tree_map(f, params, is_leaf=types.is_compressed)
+
+
+def sub_jaxprs(v):
+  """The jaxprs inside an equation parameter (closed or open, possibly in tuples)."""
+  if isinstance(v, jax.extend.core.ClosedJaxpr):
+    yield v.jaxpr
+  elif isinstance(v, jax.extend.core.Jaxpr):
+    yield v
+  elif isinstance(v, (tuple, list)):
+    for u in v:
+      yield from sub_jaxprs(u)
+
+
+def float_values(jaxpr):
+  """``(primitive, shape)`` of every floating value any equation (recursively) produces."""
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      aval = var.aval
+      if hasattr(aval, "dtype") and jnp.issubdtype(aval.dtype, jnp.floating):
+        yield eqn.primitive.name, tuple(aval.shape)
+    for p in eqn.params.values():
+      for sub in sub_jaxprs(p):
+        yield from float_values(sub)

@@ -29,31 +29,14 @@ from qws_jax._src import nnx_share
 from qws_jax._src import tree as tree_lib
 from qws_jax._src import types
 
-from _compress_helpers import hand_hash_tree, hand_share_tree
+from _compress_helpers import float_values, hand_hash_tree, hand_share_tree
 
 ATOL = 3e-5
 
 
-def _sub_jaxprs(v):
-  if isinstance(v, jax.extend.core.ClosedJaxpr):
-    yield v.jaxpr
-  elif isinstance(v, jax.extend.core.Jaxpr):
-    yield v
-  elif isinstance(v, (tuple, list)):
-    for u in v:
-      yield from _sub_jaxprs(u)
-
-
 def _float_shapes(jaxpr):
   """Shapes of every floating value any equation of ``jaxpr`` (recursively) produces."""
-  for eqn in jaxpr.eqns:
-    for var in eqn.outvars:
-      aval = var.aval
-      if hasattr(aval, "dtype") and jnp.issubdtype(aval.dtype, jnp.floating):
-        yield tuple(aval.shape)
-    for p in eqn.params.values():
-      for sub in _sub_jaxprs(p):
-        yield from _float_shapes(sub)
+  return (shape for _, shape in float_values(jaxpr))
 
 
 # The XLA kernel decodes BlockSizes().xla_block_k = 512 rows at a time: a weight with at

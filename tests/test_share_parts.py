@@ -14,6 +14,8 @@ import pytest
 import qws_jax
 from qws_jax._src import types
 
+from _compress_helpers import float_values
+
 
 def _out_err(w, q, x):
   d = np.asarray(w, np.float64) - np.asarray(q, np.float64)
@@ -177,26 +179,8 @@ class _Scanned(nn.Module):
 
 def _no_full_weight(jaxpr, rows):
   """Float values in the jaxpr (recursively) holding a whole decoded (rows, 640) weight."""
-  def subs(v):
-    if isinstance(v, jax.extend.core.ClosedJaxpr):
-      yield v.jaxpr
-    elif isinstance(v, jax.extend.core.Jaxpr):
-      yield v
-    elif isinstance(v, (tuple, list)):
-      for u in v:
-        yield from subs(u)
-
-  def visit(jp):
-    for eqn in jp.eqns:
-      for v in eqn.outvars:
-        shp = tuple(getattr(v.aval, "shape", ()))
-        if len(shp) >= 2 and shp[-2:] == (rows, 640) and jnp.issubdtype(
-            v.aval.dtype, jnp.floating):
-          yield (eqn.primitive.name, shp)
-      for p in eqn.params.values():
-        for sub in subs(p):
-          yield from visit(sub)
-  return list(visit(jaxpr.jaxpr))
+  return [(name, shp) for name, shp in float_values(jaxpr.jaxpr)
+          if len(shp) >= 2 and shp[-2:] == (rows, 640)]
 
 
 def test_linen_scan_over_stacked_leaves(tmp_path):

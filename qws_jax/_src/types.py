@@ -251,9 +251,10 @@ def _check_size(x, where: str, max_bytes: int | None) -> None:
 
 
 class _Compressed:
-  """Shared protocol of compressed leaves (subclasses define shape and nbytes)."""
+  """Shared protocol of compressed leaves (subclasses define shape, stack_shape, nbytes)."""
 
   shape: tuple[int, ...]
+  stack_shape: tuple[int, ...]
   nbytes: int
 
   @property
@@ -261,8 +262,14 @@ class _Compressed:
     return len(self.shape)
 
   @property
+  def full_shape(self) -> tuple[int, ...]:
+    """``stack_shape + shape``: the shape of ``materialize()``."""
+    return tuple(self.stack_shape) + tuple(self.shape)
+
+  @property
   def size(self) -> int:
-    return math.prod(int(d) for d in self.shape)  # Python ints: never wraps
+    """Logical weights, stack axes included (Python ints: never wraps)."""
+    return math.prod(int(d) for d in self.full_shape)
 
   @property
   def bits_per_weight(self) -> float:
@@ -344,15 +351,6 @@ class SharedArray(_Compressed):
     """The leading stack axes of the children (``()`` for an ordinary leaf)."""
     n = self.indices.ndim - len(self.shape)
     return tuple(int(d) for d in self.indices.shape[:max(n, 0)])
-
-  @property
-  def full_shape(self) -> tuple[int, ...]:
-    """``stack_shape + shape``: the shape of ``materialize()``."""
-    return self.stack_shape + tuple(self.shape)
-
-  @property
-  def size(self) -> int:
-    return math.prod(self.full_shape)
 
   @property
   def num_outliers(self) -> int:
@@ -442,15 +440,6 @@ class HashedArray(_Compressed):
   def stack_shape(self) -> tuple[int, ...]:
     """The leading stack axes of ``buckets`` (``()`` for an ordinary leaf)."""
     return tuple(int(d) for d in self.buckets.shape[:-1])
-
-  @property
-  def full_shape(self) -> tuple[int, ...]:
-    """``stack_shape + shape``: the shape of ``materialize()``."""
-    return self.stack_shape + tuple(self.shape)
-
-  @property
-  def size(self) -> int:
-    return math.prod(self.full_shape)
 
   @property
   def nbytes(self) -> int:
