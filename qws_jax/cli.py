@@ -184,7 +184,8 @@ def _cmd_compress(args) -> int:
                         predicate=predicate, rules=(), what="qws-jax compress")
   if not selected:
     raise CliError("no leaf selected for compression (check --include/--exclude; by default"
-                   " floating leaves with ndim >= 2 and >= 1024 elements)")
+                   " the matmul weights: floating, ndim >= 2, >= 1024 elements, not a bias, norm or"
+                   " position embedding by name)")
   _enable_compilation_cache()
   import qws_jax  # pylint: disable=g-import-not-at-top
   try:  # one call: leaves of the same row bucket are clustered together

@@ -139,7 +139,8 @@ def hash_share(params, compression: float | None = 1 / 8, *, key: jax.Array | No
       sets ``compression`` where the call set ``buckets`` must also pass
       ``buckets=None``), or ``skip=True``.
     predicate: ``predicate(path, leaf) -> bool`` for leaves no rule matches; default:
-      floating leaves with ``ndim >= 2`` and at least 1024 elements.
+      the matmul weights (``tree.default_predicate``: floating, ``ndim >= 2``, at least
+      1024 elements, not a bias, norm parameter or position embedding by name).
     signed: use the sign hash ``xi``; when False every sign is ``+1``.
     stack_axes: leading axes that stack independent layers (a scanned model's
       ``(layers, ...)`` params): each slice gets its own buckets (the same hash

@@ -74,8 +74,9 @@ def _rule_sets_sparsity(path: str, rules) -> bool:
 def prune(params, sparsity: float, *, scope: str = "leaf", predicate=None, rules=()):
   """Magnitude pruning: sets the smallest-magnitude weights of selected leaves to 0.
 
-  Selection is the one `qws_jax.share` uses (by default floating leaves with
-  ``ndim >= 2`` and at least 1024 elements, so biases and norms are left alone);
+  Selection is the one `qws_jax.share` uses (by default the matmul weights: floating
+  leaves with ``ndim >= 2``, at least 1024 elements and not a bias, norm parameter or
+  position embedding by name, see ``tree.default_predicate``);
   ``predicate(path, leaf)`` replaces the default rule and ``rules`` (`qws_jax.Rule`,
   option ``sparsity``) select, skip or set a per-leaf sparsity. Compressed leaves and
   unselected leaves pass through untouched (the same objects). Selected leaves keep
@@ -192,8 +193,8 @@ def prune_optimizer(tx: optax.GradientTransformation, *, predicate=None,
   """Wraps ``tx`` so that weights that are 0 at ``init`` stay exactly 0 while training.
 
   ``init(params)`` records, for every selected leaf (the selection of `prune`: same
-  ``predicate`` and ``rules``, by default floating leaves with ``ndim >= 2`` and at least
-  1024 elements), a keep mask ``params != 0``. ``update`` zeroes the gradients of the
+  ``predicate`` and ``rules``, by default the matmul weights of
+  ``tree.default_predicate``), a keep mask ``params != 0``. ``update`` zeroes the gradients of the
   pruned weights before ``tx`` sees them (so its moments stay 0 there) and zeroes
   ``tx``'s updates there afterwards (so momentum, weight decay or any other term cannot
   move them): ``optax.apply_updates`` then adds exactly 0 to an exact 0. Other leaves

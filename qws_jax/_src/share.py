@@ -440,7 +440,9 @@ def share(params, k: int = 32, *, axis: int | None = None, group_size: int | Non
   index of its nearest centroid in ``bits = ceil(log2 k)`` bits, bit-packed. Other
   leaves pass through untouched (the same objects).
 
-  Selection: by default floating leaves with ``ndim >= 2`` and at least 1024 elements.
+  Selection: by default the matmul weights (``kernel``, ``embedding``, Einsum ``w``, flat
+  ``*.weight``): floating leaves with ``ndim >= 2`` and at least 1024 elements whose name
+  is not a bias, norm parameter or position embedding (see ``tree.default_predicate``).
   ``predicate(path, leaf) -> bool`` replaces that rule; ``rules`` (`qws_jax.Rule`) match
   path strings such as ``"params/Dense_0/kernel"`` and select (or skip) leaves with
   their own options (``k``, ``axis``, ``group_size``, ``vector_dim``, ``method``,
