@@ -242,3 +242,26 @@ def test_nnx_scan_over_stacked_leaves():
   graphdef, state = nnx.split(mc)
   jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
   assert not _no_full_weight(jaxpr, 640)
+
+
+def test_calibrated_share_of_an_nnx_model():
+  class Mlp(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(64, 96, rngs=rngs)
+      self.l2 = nnx.Linear(96, 32, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(nnx.relu(self.l1(x)))
+
+  model = Mlp(nnx.Rngs(0))
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((256, 64)) * np.exp(rng.standard_normal(64)), jnp.float32)
+  graphdef, state = nnx.split(model)
+  stats = qws_jax.calibrate(lambda s, x: nnx.merge(graphdef, s)(x), state, [(x,)])
+  plain = qws_jax.nnx.share(model, k=4, predicate=lambda p, l: l.ndim == 2)
+  cal = qws_jax.nnx.share(model, k=4, predicate=lambda p, l: l.ndim == 2, calibration=stats,
+                          outliers=0.005, codebook_dtype=jnp.float16)
+  assert cal.l1.kernel.get_value().num_outliers > 0
+  ref = np.asarray(model(x))
+  err = lambda m: float(np.mean((np.asarray(m(x)) - ref) ** 2))  # noqa: E731
+  assert err(cal) < err(plain)
