@@ -205,6 +205,22 @@ def _dp_layer(d_prev, cost_fn, m: int):
   return d_new[:m + 1], opt[1:m + 2]
 
 
+def _centred_prefix_sums(aw, am):
+  """float64 prefix sums of weight, ``w (x - ref)`` and ``w (x - ref)^2`` over sorted atoms.
+
+  ``ref`` is the weighted mean (centring keeps the squared sums accurate). Returns
+  ``(ref, cw, c1, c2)``, each sum with a leading 0. Call under ``jax.enable_x64``.
+  """
+  w = aw.astype(jnp.float64)
+  x = am.astype(jnp.float64)
+  tot = jnp.sum(w)
+  ref = jnp.sum(w * x) / jnp.where(tot > 0, tot, 1.0)
+  xc = x - ref
+  zero = jnp.zeros((1,), jnp.float64)
+  return (ref, jnp.concatenate([zero, jnp.cumsum(w)]), jnp.concatenate([zero, jnp.cumsum(w * xc)]),
+          jnp.concatenate([zero, jnp.cumsum(w * xc * xc)]))
+
+
 def _dp_centroids(aw, am, k: int):
   """Optimal k-clustering of weighted sorted atoms (weights aw, means am): centroids (k,).
 
@@ -213,15 +229,7 @@ def _dp_centroids(aw, am, k: int):
   """
   m = aw.shape[0]
   with jax.enable_x64(True):
-    w = aw.astype(jnp.float64)
-    x = am.astype(jnp.float64)
-    tot = jnp.sum(w)
-    ref = jnp.sum(w * x) / jnp.where(tot > 0, tot, 1.0)
-    xc = x - ref
-    zero = jnp.zeros((1,), jnp.float64)
-    cw = jnp.concatenate([zero, jnp.cumsum(w)])
-    c1 = jnp.concatenate([zero, jnp.cumsum(w * xc)])
-    c2 = jnp.concatenate([zero, jnp.cumsum(w * xc * xc)])
+    ref, cw, c1, c2 = _centred_prefix_sums(aw, am)
 
     def cost(i, j):
       dw = cw[j] - cw[i]
@@ -433,15 +441,7 @@ def _dense_dp(aw, am, k: int):
   """
   m = aw.shape[0]
   with jax.enable_x64(True):
-    w = aw.astype(jnp.float64)
-    x = am.astype(jnp.float64)
-    tot = jnp.sum(w)
-    ref = jnp.sum(w * x) / jnp.where(tot > 0, tot, 1.0)
-    xc = x - ref
-    zero = jnp.zeros((1,), jnp.float64)
-    cw = jnp.concatenate([zero, jnp.cumsum(w)])
-    c1 = jnp.concatenate([zero, jnp.cumsum(w * xc)])
-    c2 = jnp.concatenate([zero, jnp.cumsum(w * xc * xc)])
+    ref, cw, c1, c2 = _centred_prefix_sums(aw, am)
     dw = cw[:, None] - cw[None, :]  # [j, i]: atoms [i, j)
     d1 = c1[:, None] - c1[None, :]
     d2 = c2[:, None] - c2[None, :]
