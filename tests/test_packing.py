@@ -52,3 +52,14 @@ def test_bad_bits(bits):
 def test_unpack_checks_length():
   with pytest.raises(ValueError, match="expected"):
     packing.unpack(np.zeros(3, np.uint8), 4, 8)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 5, 13, 64])
+def test_take_reads_single_indices(bits, n):
+  idx = np.random.default_rng(bits * 100 + n).integers(0, 2**bits, (7, n))
+  rows, cols = np.meshgrid(np.arange(7), np.arange(n), indexing="ij")
+  order = np.random.default_rng(1).permutation(rows.size)  # any order, any repeats
+  r, c = rows.reshape(-1)[order], cols.reshape(-1)[order]
+  got = packing.take(packing.pack(idx, bits), bits, jnp.asarray(r), jnp.asarray(c))
+  np.testing.assert_array_equal(np.asarray(got), idx[r, c])

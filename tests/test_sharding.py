@@ -28,6 +28,7 @@ import flax.linen as nn
 import qws_jax
 from qws_jax._src import sharding as shd
 from qws_jax._src import tree as tree_lib
+from qws_jax._src import types as types_lib
 from qws_jax.kernels import hashed_matmul, shared_matmul
 
 out = {}
@@ -219,6 +220,30 @@ def checkpoint():
               mesh_shape=str(dict(got["w"].indices.sharding.mesh.shape)))
 check("checkpoint", checkpoint)
 
+def parts_and_stacked():
+  mesh = mesh_of((2, 4), ("a", "b"))
+  x3 = jax.random.normal(jax.random.key(3), (4, 256, 128), jnp.float32)
+  x2 = x3[0]
+  cases = {
+      "stacked": (qws_jax.share({"w": x3}, k=16, stack_axes=1)["w"], P("a", None, "b")),
+      "scales": (qws_jax.share({"w": x2}, k=16, scale_group_size=64)["w"], P("a", "b")),
+      "outliers": (qws_jax.share({"w": x2}, k=16, outliers=0.01)["w"], P("a", "b")),
+      "hashed_stacked": (qws_jax.hash_share({"w": x3}, buckets=512, init="from_dense",
+                                           stack_axes=1)["w"],
+                         P("a", None, "b")),
+  }
+  res = {}
+  for name, (leaf, spec) in cases.items():
+    s = qws_jax.compressed_shardings({"w": leaf}, {"w": NamedSharding(mesh, spec)})["w"]
+    placed = jax.device_put(leaf, s)
+    specs = {k: str(v.sharding.spec) for k, v in types_lib.children(placed).items()
+             if v is not None}
+    dense = qws_jax.unshare({"w": placed})["w"]  # decoded block by block on the mesh
+    res[name] = dict(specs=specs, dense_spec=str(dense.sharding.spec),
+                     equal=bool(np.array_equal(np.asarray(dense), np.asarray(leaf.materialize()))))
+  return res
+check("parts_and_stacked", parts_and_stacked)
+
 print("RESULTS" + json.dumps(out, default=str))
 ''')
 
@@ -301,3 +326,19 @@ def test_checkpoint_restores_onto_another_mesh(results):
   r = _ok(results["checkpoint"])
   assert r["equal"] and r["placed"] and r["read_sharded"], r
   assert r["mesh_shape"] == "{'a': 4, 'b': 2}", r
+
+
+def test_compressed_shardings_of_parts_and_stacked_leaves(results):
+  """Stacked leaves, group scales and outliers: placed on a mesh and decoded block by block."""
+  r = _ok(results["parts_and_stacked"])
+  for name in r:
+    assert r[name]["equal"], (name, r[name])
+  st = r["stacked"]["specs"]
+  assert st["indices"] == "P('a', None, 'b')" and st["codebook"] == "P('a',)", st
+  sc = r["scales"]["specs"]
+  assert sc["indices"] == "P('a', 'b')" and sc["scales"] == "P('a', 'b')", sc  # groups align
+  for name in ("stacked", "scales", "outliers"):
+    assert r[name]["dense_spec"] == r[name]["specs"]["indices"], r[name]
+  out = r["outliers"]["specs"]
+  assert out["outlier_values"] == out["outlier_positions"] == "P()", out
+  assert r["hashed_stacked"]["specs"]["buckets"] == "P('a',)", r["hashed_stacked"]

@@ -103,3 +103,27 @@ def unpack(packed: jax.typing.ArrayLike, bits: int, n: int) -> jax.Array:
     vals.append((acc & mask).astype(jnp.uint8))
   v = jnp.stack(vals, axis=-1).reshape(*p.shape[:-1], -1)
   return v[..., :n]
+
+
+def take(packed: jax.typing.ArrayLike, bits: int, rows: jax.Array, cols: jax.Array) -> jax.Array:
+  """The indices at ``(rows, cols)`` of a packed 2-D array, without unpacking the rest.
+
+  Args:
+    packed: uint8 ``(R, packed_length(n, bits))``.
+    bits: bits per index, 1..8.
+    rows, cols: int arrays of one shape, in range (``cols < n``).
+
+  Returns:
+    int32 indices of the shape of ``rows``: index ``cols`` of row ``rows`` sits at bits
+    ``[cols*bits, (cols+1)*bits)`` of the row's little-endian byte stream.
+  """
+  _check_bits(bits)
+  p = jnp.asarray(packed)
+  rows = jnp.asarray(rows, jnp.int32)
+  off = jnp.asarray(cols, jnp.int32) * bits
+  byte, shift = off // 8, off % 8
+  lo = p[rows, byte].astype(jnp.int32)
+  if 8 % bits:  # an index may straddle two bytes
+    hi = p[rows, jnp.minimum(byte + 1, p.shape[-1] - 1)].astype(jnp.int32)
+    lo = lo | (hi << 8)
+  return (lo >> shift) & ((1 << bits) - 1)

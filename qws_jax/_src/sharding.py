@@ -151,11 +151,23 @@ def compressed_sharding(x, sharding: NamedSharding):
   if not isinstance(sharding, NamedSharding):
     raise TypeError(f"sharding must be a NamedSharding, got {type(sharding).__name__}")
   mesh = sharding.mesh
-  if isinstance(x, types.HashedArray):
-    return dataclasses.replace(x, buckets=NamedSharding(mesh, P()))
-  if not isinstance(x, types.SharedArray):
+  if not types.is_compressed(x):
     return sharding
-  entries = _entries(sharding.spec, len(x.shape))
+  # Stacked leaves: the stack axes keep their entries (where they divide), every child
+  # carries them in front of the slice's own layout.
+  ns = len(x.stack_shape)
+  entries = _entries(sharding.spec, ns + len(x.shape))
+  lead = [e if d % _count(mesh, e) == 0 else None
+          for d, e in zip(x.stack_shape, entries[:ns])]
+  entries = entries[ns:]
+
+  def named(child_entries, child):
+    full = lead + list(child_entries)
+    full = [e if d % _count(mesh, e) == 0 else None for d, e in zip(child.shape, full)]
+    return NamedSharding(mesh, _spec(full))
+
+  if isinstance(x, types.HashedArray):
+    return dataclasses.replace(x, buckets=named([None], x.buckets))
   ie = _index_entries(x.shape, x.vector_dim, x.bits, entries, mesh)
   if x.group_size is not None:
     ie_rows = _group_rows_entry(types.index_shape(x.shape, x.vector_dim), x.group_size, ie, mesh)
@@ -164,10 +176,15 @@ def compressed_sharding(x, sharding: NamedSharding):
       ce = [None, None, None]
   else:
     ce = _codebook_entries(x, ie)
-  # Dims of the codebook that do not divide evenly stay replicated.
-  ce = [e if d % _count(mesh, e) == 0 else None for d, e in zip(x.codebook.shape, ce)]
-  return dataclasses.replace(x, indices=NamedSharding(mesh, _spec(ie)),
-                             codebook=NamedSharding(mesh, _spec(ce)))
+  out = dict(indices=named(ie, x.indices), codebook=named(ce, x.codebook))
+  if x.scales is not None:  # (groups along the matmul rows, columns) like the indices
+    srows = _group_rows_entry(types.index_shape(x.shape, x.vector_dim), x.scale_group_size,
+                              ie, mesh)
+    out["scales"] = named([srows, ie[-1] if len(x.shape) > 1 else None], x.scales)
+  if x.outlier_values is not None:  # a short list of flat positions: replicated per slice
+    out["outlier_values"] = named([None], x.outlier_values)
+    out["outlier_positions"] = named([None], x.outlier_positions)
+  return dataclasses.replace(x, **out)
 
 
 def compressed_shardings(tree, reference):
@@ -468,6 +485,84 @@ def _global_flat_index(mesh, entries, local, strides):
   return f
 
 
+def _block_layout(x: types.SharedArray, mesh, ie: list):
+  """The layout ``want`` (a leaf of shardings) under which each device decodes its own
+  block of ``x``, starting from index entries ``ie`` (stack axes first): axes whose
+  shards do not line up with the codebook rows, per-group codebooks or scale groups are
+  replicated until they do."""
+  ns = len(x.stack_shape)
+  for _ in range(3):
+    want = compressed_sharding(x, NamedSharding(mesh, _spec(list(ie))))
+    got = _entries(want.indices.spec, len(ie))
+    sl = got[ns:]
+    cb = _entries(want.codebook.spec, x.codebook.ndim)[ns:]
+    if x.group_size is not None and cb[0] != sl[0]:
+      sl[0] = None
+    if x.axis is not None and cb[0] != sl[x.axis]:
+      sl[x.axis] = None
+    if x.scales is not None and _entries(want.scales.spec, x.scales.ndim)[ns] != sl[0]:
+      sl[0] = None
+    if got[ns:] == sl:
+      return want, got
+    ie = got[:ns] + sl
+  raise AssertionError("no consistent block layout")  # pragma: no cover
+
+
+def _local_outliers(block: jax.Array, pos, vals, shape, offsets):
+  """Sets the outliers (global flat ``pos`` in a slice of ``shape``) that fall in this
+  device's ``block`` (which starts at ``offsets``); the others are dropped."""
+  local = block.shape
+  inside = jnp.ones(pos.shape, bool)
+  flat = jnp.zeros(pos.shape, jnp.int32)
+  rest = pos
+  coords = []
+  for d in reversed(shape):
+    coords.append(rest % d)
+    rest = rest // d
+  for c, o, n in zip(reversed(coords), offsets, local):
+    lc = c - o
+    inside = inside & (lc >= 0) & (lc < n)
+    flat = flat * n + jnp.clip(lc, 0, n - 1)
+  flat = jnp.where(inside, flat, block.size)  # out of range: dropped
+  return block.reshape(-1).at[flat].set(vals.astype(block.dtype), mode="drop").reshape(local)
+
+
+def _materialize_shared(x: types.SharedArray, s: NamedSharding):
+  mesh = s.mesh
+  ns = len(x.stack_shape)
+  want, ie = _block_layout(x, mesh, _entries(s.spec, ns + len(x.shape)))
+  spec = want.indices.spec
+  local_full = tuple(d // _count(mesh, e) for d, e in zip(x.full_shape, ie))
+  local = local_full[ns:]
+  names = [n for n in ("indices", "codebook", "scales") if getattr(x, n) is not None]
+  arrays = [jax.device_put(getattr(x, n), getattr(want, n)) for n in names]
+  specs = [getattr(want, n).spec for n in names]
+  outl = x.outlier_values is not None
+  if outl:  # replicated per slice; each device sets the ones inside its block
+    for n in ("outlier_values", "outlier_positions"):
+      arrays.append(jax.device_put(getattr(x, n), getattr(want, n)))
+      specs.append(getattr(want, n).spec)
+
+  def local_fn(*arrs):
+    parts = dict(zip(names, arrs))
+    leaf = dataclasses.replace(x, shape=local, outlier_values=None, outlier_positions=None,
+                               **parts)
+    out = leaf.materialize()
+    if outl:
+      vals, pos = arrs[len(names):]
+      offs = _shard_offsets(mesh, ie, local_full)[ns:]
+      fn = lambda b, p, v: _local_outliers(b, p, v, x.shape, offs)
+      for _ in range(ns):
+        fn = jax.vmap(fn)
+      out = fn(out, pos, vals)
+    return out
+
+  fn = jax.jit(jax.shard_map(local_fn, mesh=mesh, in_specs=tuple(specs), out_specs=spec,
+                             check_vma=False))
+  # Back to the layout of the indices as they came (dense last axis: as the indices').
+  return jax.device_put(fn(*arrays), NamedSharding(mesh, s.spec))
+
+
 def materialize(x, sharding: NamedSharding | None = None):
   """Dense value of a compressed leaf whose arrays live on several devices, block by block.
 
@@ -481,57 +576,41 @@ def materialize(x, sharding: NamedSharding | None = None):
     s = named_sharding(x.indices)
     if s is None:
       return None
-    mesh = s.mesh
-    ie = _entries(s.spec, len(x.shape))
-    want = compressed_sharding(x, NamedSharding(mesh, _spec(list(ie))))
-    if x.group_size is not None:
-      rows = _entries(want.codebook.spec, x.codebook.ndim)[0]
-      if ie[0] != rows:
-        ie[0] = None  # groups not aligned with row shards: rows replicated while decoding
-      want = compressed_sharding(x, NamedSharding(mesh, _spec(list(ie))))
-    ie = _entries(want.indices.spec, len(x.shape))
-    if x.axis is not None:
-      ce = _entries(want.codebook.spec, x.codebook.ndim)
-      if ce[0] != ie[x.axis]:
-        ie[x.axis] = None
-        want = compressed_sharding(x, NamedSharding(mesh, _spec(list(ie))))
-    idx = jax.device_put(x.indices, want.indices)
-    cb = jax.device_put(x.codebook, want.codebook)
-    spec = want.indices.spec
-    local = tuple(d // _count(mesh, e) for d, e in zip(x.shape, _entries(spec, len(x.shape))))
-
-    def local_fn(i, c):
-      return dataclasses.replace(x, indices=i, codebook=c, shape=local).materialize()
-
-    fn = jax.jit(jax.shard_map(local_fn, mesh=mesh, in_specs=(spec, want.codebook.spec),
-                               out_specs=spec, check_vma=False))
-    # Back to the layout of the indices as they came (dense last axis: as the indices').
-    return jax.device_put(fn(idx, cb), NamedSharding(mesh, s.spec))
+    return _materialize_shared(x, s)
   if isinstance(x, types.HashedArray):
     s = named_sharding(x.buckets)
     if s is None and sharding is None:
       return None
     mesh = (sharding or s).mesh
-    if sharding is None:
+    ns = len(x.stack_shape)
+    if sharding is None:  # stack axes as the buckets', the slice's axis 0 over the mesh
       names = tuple(mesh.axis_names)
-      n = math.prod(mesh.shape.values())
-      spec = P(names if len(names) > 1 else names[0]) if x.shape[0] % n == 0 else P()
+      lead = _entries(s.spec, ns + 1)[:ns] if s is not None else [None] * ns
+      used = {a for e in lead for a in _names(e)}
+      free = tuple(a for a in names if a not in used)
+      n = math.prod(mesh.shape[a] for a in free)
+      first = (free if len(free) > 1 else free[0]) if free and x.shape[0] % n == 0 else None
+      entries = list(lead) + [first] + [None] * (len(x.shape) - 1)
     else:
-      spec = sharding.spec
-    entries = _entries(spec, len(x.shape))
-    if not _even(x.shape, entries, mesh):
-      entries = [None] * len(x.shape)
-      spec = P()
-    local = tuple(d // _count(mesh, e) for d, e in zip(x.shape, entries))
+      entries = _entries(sharding.spec, ns + len(x.shape))
+    if not _even(x.full_shape, entries, mesh):
+      entries = [None] * len(x.full_shape)
+    spec = _spec(list(entries))
+    sl = entries[ns:]
+    local = tuple(d // _count(mesh, e) for d, e in zip(x.shape, sl))
     strides = [int(np.prod(x.shape[i + 1:], dtype=np.int64)) for i in range(len(x.shape))]
+    bspec = _spec(list(entries[:ns]) + [None])
 
     def local_fn(buckets):
-      f = _global_flat_index(mesh, entries, local, strides)
+      f = _global_flat_index(mesh, sl, local, strides)
       b, sg = hashing.bucket_and_sign(f, x.seed, x.num_buckets, x.signed)
-      return (jnp.take(buckets, b, axis=0) * sg.astype(buckets.dtype)).astype(x.dtype)
+      one = lambda bk: (jnp.take(bk, b, axis=0) * sg.astype(bk.dtype)).astype(x.dtype)
+      for _ in range(ns):
+        one = jax.vmap(one)
+      return one(buckets)
 
-    buckets = jax.device_put(x.buckets, NamedSharding(mesh, P()))
-    fn = jax.jit(jax.shard_map(local_fn, mesh=mesh, in_specs=(P(),), out_specs=spec,
+    buckets = jax.device_put(x.buckets, NamedSharding(mesh, bspec))
+    fn = jax.jit(jax.shard_map(local_fn, mesh=mesh, in_specs=(bspec,), out_specs=spec,
                                check_vma=False))
     return fn(buckets)
   return None
@@ -615,15 +694,8 @@ def tensor_parallel_matmul(x, w: types.SharedArray, matmul):
     return None
   mesh, ie = got
   K, N = w.shape
-  # The layout the blocks need: codebook consistent with the indices.
-  want = compressed_sharding(w, NamedSharding(mesh, _spec(list(ie))))
-  ie = _entries(want.indices.spec, 2)
-  if w.axis is not None:
-    if _entries(want.codebook.spec, w.codebook.ndim)[0] != ie[w.axis]:
-      return None
-  if w.group_size is not None:
-    if _entries(want.codebook.spec, w.codebook.ndim)[0] != ie[0]:
-      return None
+  # The layout the blocks need: codebook and scales consistent with the indices.
+  want, ie = _block_layout(w, mesh, list(ie))
   if not _even((K, N), ie, mesh):
     return None
   lead = x.shape[:-1]
@@ -641,21 +713,35 @@ def tensor_parallel_matmul(x, w: types.SharedArray, matmul):
   x2 = x.reshape(-1, K)
   xspec = P(b, ie[0])
   ospec = P(b, ie[1])
-  cspec = want.codebook.spec
   x2 = reshard(x2, xspec)
-  idx = reshard(w.indices, want.indices.spec)
-  cb = reshard(w.codebook, cspec)
+  names = [n for n in types.children(w) if getattr(w, n) is not None]
+  specs = [getattr(want, n).spec for n in names]
+  arrays = [reshard(getattr(w, n), sp) for n, sp in zip(names, specs)]
   k_axes = _names(ie[0])
   local = (K // _count(mesh, ie[0]), N // _count(mesh, ie[1]))
 
-  def local_fn(xl, il, cl):
-    y = matmul(xl, dataclasses.replace(w, indices=il, codebook=cl, shape=local))
+  def local_fn(xl, *arrs):
+    parts = dict(zip(names, arrs))
+    wl = dataclasses.replace(w, shape=local, **parts)
+    if w.outlier_values is not None:  # keep the outliers inside this block
+      r0, c0 = _shard_offsets(mesh, ie, local)
+      pos = parts["outlier_positions"]
+      r, c = pos // N - r0, pos % N - c0
+      inside = (r >= 0) & (r < local[0]) & (c >= 0) & (c < local[1])
+      base = dataclasses.replace(wl, outlier_values=None, outlier_positions=None)
+      # Outliers of other blocks become entry 0 holding its own decoded value: no-ops.
+      wl = dataclasses.replace(
+          wl, outlier_positions=jnp.where(inside, r * local[1] + c, 0),
+          outlier_values=jnp.where(inside, parts["outlier_values"],
+                                   base.decode_at(jnp.zeros((1,), jnp.int32))[0].astype(
+                                       parts["outlier_values"].dtype)))
+    y = matmul(xl, wl)
     if k_axes:
       y = jax.lax.psum(y.astype(jnp.float32), k_axes).astype(y.dtype)
     return y
 
-  y = jax.shard_map(local_fn, mesh=mesh, in_specs=(xspec, want.indices.spec, cspec),
-                    out_specs=ospec, check_vma=False)(x2, idx, cb)
+  y = jax.shard_map(local_fn, mesh=mesh, in_specs=(xspec, *specs), out_specs=ospec,
+                    check_vma=False)(x2, *arrays)
   return y.reshape(lead + (N,))
 
 
