@@ -387,3 +387,92 @@ def test_conv_kernel_quantized_along_its_reduction_axes():
   assert o_t["codebook"].shape == (8, 4)
   assert _err(oihw, o_t, s_t, axis=0) < calibrated.output_error(
       oihw, np.transpose(plain, (3, 2, 0, 1)), s_t)
+
+
+# ----------------------------------------------------------------------------- stacked layers
+
+
+class _ScanBlock(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    return jnp.tanh(nn.Dense(8, use_bias=False, name="dense")(h)), None
+
+
+class _ScanNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=3)
+    h, _ = scan(name="layers")(x, None)
+    return h
+
+
+def _per_layer_inputs(ws, x):
+  ins, h = [], x
+  for w in ws:
+    ins.append(h)
+    h = np.tanh(h @ w)
+  return ins
+
+
+def test_scanned_layers_get_stacked_per_layer_statistics():
+  model = _ScanNet()
+  x = _normal(5, 8, seed=1)
+  params = model.init(jax.random.key(0), x)["params"]
+  stats = qws_jax.calibrate(lambda p, x: model.apply({"params": p}, x), params, [(x,), (2 * x,)])
+  st = stats["layers"]["dense"]["kernel"]
+  assert (st.stack_axes, st.contract_axes, st.gram.shape, st.count.shape) == (1, (1,), (3, 8, 8),
+                                                                            (3,))
+  st.validate()
+  ws = np.asarray(params["layers"]["dense"]["kernel"])
+  want = [_gram(a) + _gram(b) for a, b in zip(_per_layer_inputs(ws, x),
+                                               _per_layer_inputs(ws, 2 * x))]
+  for i in range(3):  # layer i's statistics are its own inputs, not the sum over layers
+    _close(st.slice(i).gram, want[i])
+    assert float(st.slice(i).count) == 10.0
+  np.testing.assert_allclose(np.asarray(st.hessian_diagonal()),
+                             np.stack([np.diag(w) for w in want]) / 10.0, rtol=1e-4)
+
+
+def test_nnx_scan_statistics_and_calibrated_stacked_share():
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(16, 16, use_bias=False, rngs=rngs)
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=4)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make(r):
+        return Block(r)
+      self.layers = make(rngs)
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+      def step(block, h):
+        return jnp.tanh(block.linear(h))
+      return step(self.layers, x)
+
+  model = Net(nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  fn = lambda s, x: nnx.merge(graphdef, s)(x)
+  xs = [(_normal(32, 16, seed=i),) for i in range(4)]
+  stats = qws_jax.calibrate(fn, state, xs)
+  st = stats["layers"]["linear"]["kernel"]
+  assert st.stack_axes == 1 and st.gram.shape == (4, 16, 16)
+  w = np.asarray(state["layers"]["linear"]["kernel"][...])
+  # Per layer, the calibrated slice equals sharing that layer alone with its statistics.
+  out = qws_jax.share(state, k=4, stack_axes=1, calibration=stats, predicate=lambda p, l: l.ndim == 3)
+  leaf = out["layers"]["linear"]["kernel"].get_value()
+  assert leaf.stack_shape == (4,)
+  for i in range(4):
+    alone = qws_jax.share({"w": w[i]}, k=4, predicate=lambda *_: True,
+                          calibration={"w": st.slice(i)})["w"]
+    np.testing.assert_array_equal(np.asarray(leaf.materialize()[i]), np.asarray(alone.materialize()))
+    plain = qws_jax.share({"w": w[i]}, k=4, predicate=lambda *_: True)["w"]
+    e_cal = calibrated.output_error(w[i], np.asarray(alone.materialize()), st.slice(i))
+    e_plain = calibrated.output_error(w[i], np.asarray(plain.materialize()), st.slice(i))
+    assert e_cal < e_plain  # the statistics are used
+  # Stacked statistics need stack_axes; the error says so.
+  with pytest.raises(ValueError, match="stack_axes"):
+    qws_jax.share(state, k=4, calibration=stats, predicate=lambda p, l: l.ndim == 3)

@@ -68,7 +68,14 @@ class LeafStats:
     count: float32 scalar, the number of rows (tokens, patches) summed into ``gram``.
 
   Static metadata: ``shape`` (the weight's shape), ``contract_axes`` (ascending tuple of
-  the weight's axes contracted with the input), ``diagonal``.
+  the weight's axes contracted with the input), ``diagonal``, ``stack_axes``.
+
+  Stacked (scanned) weights: a leaf of shape ``(L, ...)`` that ``lax.scan`` (``nn.scan``,
+  ``nnx.scan``) slices layer by layer has ``stack_axes = 1`` (one per nested scan):
+  ``gram`` is ``(L, K, K)`` and ``count`` ``(L,)``, one set of statistics per layer,
+  and ``contract_axes`` are axes of the whole leaf (never a stack axis). `slice` gives
+  one layer's statistics; ``qws_jax.share(..., stack_axes=1, calibration=stats)`` uses
+  them layer by layer.
 
   Invariants (`validate`): ``gram`` has the shape above and is finite, ``count > 0``.
 
@@ -89,6 +96,22 @@ class LeafStats:
   shape: tuple[int, ...]
   contract_axes: tuple[int, ...]
   diagonal: bool = False
+  stack_axes: int = 0
+
+  @property
+  def stack_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[:self.stack_axes])
+
+  def slice(self, i: int) -> "LeafStats":
+    """The statistics of slice ``i`` (flat over the stack axes) of a stacked leaf."""
+    if not self.stack_axes:
+      raise ValueError("slice() needs stacked statistics (stack_axes > 0)")
+    n = math.prod(self.stack_shape)
+    tail = self.gram.shape[self.stack_axes:]
+    s = self.stack_axes
+    return LeafStats(self.gram.reshape((n,) + tail)[i], self.count.reshape(n)[i],
+                     tuple(self.shape[s:]), tuple(a - s for a in self.contract_axes),
+                     self.diagonal)
 
   @property
   def size(self) -> int:
@@ -98,52 +121,58 @@ class LeafStats:
   @property
   def output_axes(self) -> tuple[int, ...]:
     """The weight's axes that are not contracted (ascending)."""
-    return tuple(a for a in range(len(self.shape)) if a not in self.contract_axes)
+    return tuple(a for a in range(self.stack_axes, len(self.shape))
+                 if a not in self.contract_axes)
 
   def hessian_diagonal(self) -> jax.Array:
     """``(K,)`` float32: ``diag(gram) / count``, the mean squared input per row."""
-    d = self.gram if self.diagonal else jnp.diagonal(self.gram)
-    return d / jnp.maximum(self.count, 1.0)
+    d = self.gram if self.diagonal else jnp.diagonal(self.gram, axis1=-2, axis2=-1)
+    return d / jnp.maximum(self.count, 1.0)[..., None]
 
   def hessian(self) -> jax.Array:
     """``(K, K)`` float32 ``gram / count`` (needs full statistics)."""
     if self.diagonal:
       raise ValueError("hessian() needs full statistics; these were collected with"
                        " diagonal=True (use hessian_diagonal())")
-    return self.gram / jnp.maximum(self.count, 1.0)
+    return self.gram / jnp.maximum(self.count, 1.0)[..., None, None]
 
   def validate(self, path: str = "") -> None:
     """Checks the invariants; raises ValueError/TypeError naming ``path``."""
     where = f" at {path!r}" if path else ""
     nd = len(self.shape)
     axes = tuple(self.contract_axes)
-    if not axes or list(axes) != sorted(set(axes)) or not all(0 <= a < nd for a in axes):
+    st = self.stack_axes
+    if not isinstance(st, int) or isinstance(st, bool) or not 0 <= st < nd:
+      raise ValueError(f"stack_axes={st!r} must be an int in [0, {nd}){where}")
+    if not axes or list(axes) != sorted(set(axes)) or not all(st <= a < nd for a in axes):
       raise ValueError(f"contract_axes={axes} must be a non-empty ascending tuple of axes of"
-                       f" shape={self.shape}{where}")
+                       f" shape={self.shape} after its {st} stack axes{where}")
     k = self.size
-    want = (k,) if self.diagonal else (k, k)
+    want = self.stack_shape + ((k,) if self.diagonal else (k, k))
     if tuple(self.gram.shape) != want:
       raise ValueError(f"gram shape {tuple(self.gram.shape)} != expected {want} for weight"
                        f" shape={self.shape}, contract_axes={axes}, diagonal={self.diagonal}"
                        f"{where}")
     if np.dtype(self.gram.dtype) != np.float32:
       raise TypeError(f"gram must be float32, got {self.gram.dtype}{where}")
-    if tuple(np.shape(self.count)) != ():
-      raise ValueError(f"count must be a scalar, got shape {np.shape(self.count)}{where}")
+    if tuple(np.shape(self.count)) != self.stack_shape:
+      raise ValueError(f"count must have shape {self.stack_shape} (one per stacked slice),"
+                       f" got shape {np.shape(self.count)}{where}")
     if not isinstance(self.gram, jax.core.Tracer):
       if not bool(jnp.all(jnp.isfinite(self.gram))):
         raise ValueError(f"gram has NaN/Inf values{where}")
-      if not float(self.count) > 0:
-        raise ValueError(f"count must be > 0, got {float(self.count)}{where}")
+      if not float(jnp.min(self.count)) > 0:
+        raise ValueError(f"count must be > 0, got {float(jnp.min(self.count))}{where}")
 
   def __repr__(self):
     return (f"LeafStats(shape={self.shape}, contract_axes={self.contract_axes},"
-            f" K={self.size}, diagonal={self.diagonal})")
+            f" K={self.size}, diagonal={self.diagonal}"
+            + (f", stack_axes={self.stack_axes})" if self.stack_axes else ")"))
 
 
 jax.tree_util.register_dataclass(
     LeafStats, data_fields=["gram", "count"],
-    meta_fields=["shape", "contract_axes", "diagonal"])
+    meta_fields=["shape", "contract_axes", "diagonal", "stack_axes"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +211,9 @@ class _Unsupported(Exception):
 class _Tag:
   """A traced value derived from parameter leaf ``leaf`` by layout ops ``chain``."""
   leaf: int
-  shape: tuple[int, ...]  # the leaf's shape
+  shape: tuple[int, ...]  # the leaf's shape (one slice of it inside a scan over it)
   chain: tuple = ()       # ((primitive name, params), ...)
+  stack: int = 0          # scans that slice the leaf on the way here (its stack axes)
 
 
 class _Recorder:
@@ -192,7 +222,9 @@ class _Recorder:
   def __init__(self, diagonal: bool):
     self.diagonal = diagonal
     self.axes: dict[int, tuple[int, ...]] = {}
+    self.stack: dict[int, int] = {}
     self.notes: dict[int, str] = {}
+    self.bad: set[int] = set()
 
   def note(self, leaf: int, reason: str) -> None:
     self.notes.setdefault(leaf, reason)
@@ -292,6 +324,11 @@ def _record(tag: _Tag, x, x_dims, wp_axes, rec: _Recorder, stats: dict) -> None:
   prev = rec.axes.setdefault(tag.leaf, axes)
   if prev != axes:
     rec.note(tag.leaf, f"used with different contracted axes {prev} and {axes}")
+    rec.bad.add(tag.leaf)
+    return
+  if rec.stack.setdefault(tag.leaf, tag.stack) != tag.stack:
+    rec.note(tag.leaf, "used both as a whole and sliced by lax.scan")
+    rec.bad.add(tag.leaf)
     return
   keep = [d for d in range(x.ndim) if d not in x_dims]
   kk = math.prod(x.shape[d] for d in x_dims)
@@ -371,8 +408,8 @@ def _add(a: dict, b: dict) -> dict:
 
 
 def _zeros_like_stats(shapes: dict) -> dict:
-  return {k: (jnp.zeros(g.shape, jnp.float32), jnp.zeros((), jnp.float32))
-          for k, (g, _) in shapes.items()}
+  return {k: (jnp.zeros(g.shape, jnp.float32), jnp.zeros(n.shape, jnp.float32))
+          for k, (g, n) in shapes.items()}
 
 
 def _bind(eqn, invals):
@@ -387,26 +424,41 @@ def _scan(eqn, invals, intags, rec):
   nc, ncar = p["num_consts"], p["num_carry"]
   body = p["jaxpr"]
   consts, carry, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
-  for t in intags[nc:]:
+  for t in intags[nc:nc + ncar]:
     if t is not None:
-      rec.note(t.leaf, "scanned over or carried by lax.scan (stacked weights are not"
-               " supported)")
-  tags = list(intags[:nc]) + [None] * (len(invals) - nc)
+      rec.note(t.leaf, "carried by lax.scan")
+  # A leaf scanned over (stacked layers: nn.scan, nnx.scan) is sliced: each step sees
+  # one layer, whose statistics are stacked along the scan like the leaf.
+  sliced = []
+  xtags = []
+  for t in intags[nc + ncar:]:
+    if t is not None and t.chain:
+      rec.note(t.leaf, "scanned over by lax.scan after a layout change")
+      t = None
+    if t is not None:
+      sliced.append(t.leaf)
+      t = _Tag(t.leaf, t.shape[1:], (), t.stack + 1)
+    xtags.append(t)
+  tags = list(intags[:nc]) + [None] * ncar + xtags
 
   def run(c, x):
     return _interp(body.jaxpr, body.consts, list(consts) + list(c) + list(x), tags, rec)
 
   x_avals = [jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in xs]
   _, shapes = jax.eval_shape(run, list(carry), x_avals)
+  summed = {k: v for k, v in shapes.items() if k not in sliced}
 
   def f(c, x):
     car, acc = c
     outs, st = run(car, x)
-    return (outs[:ncar], _add(acc, st)), outs[ncar:]
+    per_step = {k: v for k, v in st.items() if k in sliced}
+    return (outs[:ncar], _add(acc, {k: v for k, v in st.items() if k not in sliced})), (
+        outs[ncar:], per_step)
 
-  (car, acc), ys = lax.scan(f, (list(carry), _zeros_like_stats(shapes)), list(xs),
-                            length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
-  return list(car) + list(ys), acc
+  (car, acc), (ys, stacked) = lax.scan(
+      f, (list(carry), _zeros_like_stats(summed)), list(xs), length=p["length"],
+      reverse=p["reverse"], unroll=p["unroll"])
+  return list(car) + list(ys), {**acc, **stacked}
 
 
 def _while(eqn, invals, intags, rec):
@@ -636,10 +688,12 @@ def calibrate(fn: Callable[..., Any], params: Any, batches: Iterable[Any], *,
     raise ValueError("batches is empty: calibrate needs at least one batch")
   out, skipped, rows = [], {}, {}
   for i in range(n):
-    if i in acc:
+    if i in acc and i not in rec.bad:
       g, c = acc[i]
-      out.append(LeafStats(g, c, tuple(arrays[i].shape), rec.axes[i], bool(diagonal)))
-      rows[paths[i]] = float(c)
+      st = rec.stack.get(i, 0)
+      out.append(LeafStats(g, c, tuple(arrays[i].shape),
+                           tuple(a + st for a in rec.axes[i]), bool(diagonal), st))
+      rows[paths[i]] = float(jnp.min(c))
     else:
       out.append(None)
       if cand[i]:

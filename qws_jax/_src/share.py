@@ -561,9 +561,11 @@ def share(params, k: int = 32, *, axis: int | None = None, group_size: int | Non
     stats = calib_map.get(keys) if keys is not None else None
     if not pc.stack_axes:
       return collect_one(path, leaf, options, pc, stats, None)
-    if stats is not None:
-      raise NotImplementedError(f"leaf {path!r}: calibration of stacked (scanned) leaves is"
-                                " not supported yet; share them without statistics")
+    if stats is not None and stats.stack_axes != pc.stack_axes:
+      raise ValueError(f"leaf {path!r}: stack_axes={pc.stack_axes} but its calibration"
+                       f" statistics have stack_axes={stats.stack_axes} (the leaf was"
+                       f" {'sliced by' if stats.stack_axes else 'not sliced by'} a scan"
+                       " when calibrated)")
     w_full = weight_map.get(keys) if keys is not None else None
     if w_full is not None:
       used_weights.add(keys)
@@ -572,12 +574,17 @@ def share(params, k: int = 32, *, axis: int | None = None, group_size: int | Non
     flat = jnp.asarray(leaf).reshape((n,) + tuple(leaf.shape[pc.stack_axes:]))
     wf = None if w_full is None else jnp.asarray(w_full).reshape(flat.shape)
     one = dataclasses.replace(pc, stack_axes=0)
-    items = tuple(collect_one(_SlicePath(path, i), flat[i], options, one, None,
+    items = tuple(collect_one(_SlicePath(path, i), flat[i], options, one,
+                              None if stats is None else stats.slice(i),
                               None if wf is None else wf[i]) for i in range(n))
     return _Stacked(items, lead)
 
   def collect_one(path, leaf, options, pc, stats, w_slice):
     options = dict(options)
+    if stats is not None and stats.stack_axes:
+      raise ValueError(f"leaf {path!r}: its calibration statistics are stacked"
+                       f" (stack_axes={stats.stack_axes}, the leaf was sliced by a scan);"
+                       f" share it with stack_axes={stats.stack_axes}")
     kk = options["k"]
     if pc.sparse and isinstance(kk, (int, np.integer)) and not isinstance(kk, bool):
       if kk < 3:
