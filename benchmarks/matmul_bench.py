@@ -8,6 +8,9 @@ For each ``M`` (rows of ``x``), weight shape ``(K, N)`` and codebook size ``k`` 
   on this backend (``pallas`` on GPU, ``xla`` everywhere),
 * ``hashed/<impl>`` and ``hashed dequant``: `qws_jax.kernels.hashed_matmul` and
   ``x @ w.materialize()`` for a HashedArray with ``K*N / hash_ratio`` buckets,
+* with ``--scale-group-size G``, also ``dequant`` and ``shared/<impl>`` for the same
+  shared leaf with f16 group scales (``+scales/G``: one scale per ``G`` rows and column,
+  decoded inside the kernels),
 
 checks each result against the dense product, and reports the time, the ratio to dense
 bf16 and to dense f32 (> 1: faster), and the achieved bandwidth (bytes the operation
@@ -19,11 +22,14 @@ Usage::
   python benchmarks/matmul_bench.py            # reduced sweep on CPU, full sweep on GPU/TPU
   python benchmarks/matmul_bench.py --full     # the full sweep everywhere
   python benchmarks/matmul_bench.py --no-write # print only
+  python benchmarks/matmul_bench.py --m 1 --k 16 --xla-block-k 512 --scale-group-size 128 \
+      --no-hashed --no-write                    # quick: 4-bit, with and without scales
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -94,6 +100,11 @@ def main(argv=None):
   ap.add_argument("--xla-block-k", type=int, nargs="+", default=None,
                   help="xla_block_k values to time for the XLA path (default: 128 256 512 on"
                        " CPU, where the choice of the CPU fallback is documented, else 256)")
+  ap.add_argument("--k", type=int, nargs="+", default=None,
+                  help=f"codebook sizes of the shared leaves (default {list(FULL_K)})")
+  ap.add_argument("--scale-group-size", type=int, default=None,
+                  help="also time each shared leaf with f16 group scales of this many rows")
+  ap.add_argument("--no-hashed", action="store_true", help="skip the hashed matmul")
   ap.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
   args = ap.parse_args(argv)
 
@@ -107,6 +118,8 @@ def main(argv=None):
   dt = jnp.float32 if dname == "f32" else jnp.bfloat16
   impls = ["xla"] + (["pallas"] if backend in ("gpu", "cuda", "rocm") else [])
   xla_bks = tuple(args.xla_block_k or ((128, 256, 512) if on_cpu else (256,)))
+  ks = tuple(args.k or FULL_K)
+  sgs = args.scale_group_size
   rng = np.random.default_rng(0)
   bw = copy_bandwidth(reps)
   dev = jax.devices()[0]
@@ -137,21 +150,28 @@ def main(argv=None):
       case = f"M={m} {K}x{N}"
       row(case, "dense f32", t_f32, nbytes(xf, wf) + m * N * 4, t_bf16, t_f32)
       row(case, "dense bf16", t_bf16, nbytes(xb, wb) + m * N * 2, t_bf16, t_f32)
-      for k in FULL_K:
-        w = make_shared(rng, K, N, k, dt)
-        want = np.asarray(dequant(x, w), np.float32)
-        scale = float(np.abs(want).max())
-        moved = nbytes(w.indices, w.codebook, x) + out_bytes
-        tag = f"k={k} ({w.bits}-bit)"
-        row(case, f"{tag} dequant", bench(dequant, x, w, reps=reps), moved, t_bf16, t_f32)
-        variants = [("xla", bk) for bk in xla_bks] + [(i, None) for i in impls if i != "xla"]
-        for impl, bk in variants:
-          bs = BlockSizes(xla_block_k=bk) if bk else BlockSizes()
-          f = jax.jit(lambda x, w, impl=impl, bs=bs: shared_matmul(x, w, impl=impl, block_sizes=bs))
-          got = np.asarray(f(x, w), np.float32)
-          err = f"{np.abs(got - want).max() / scale:.1e}"
-          name = f"{tag} shared/{impl}" + (f" (xla_block_k={bk})" if bk else "")
-          row(case, name, bench(f, x, w, reps=reps), moved, t_bf16, t_f32, err)
+      for k in ks:
+        w0 = make_shared(rng, K, N, k, dt)
+        leaves = [("", w0)]
+        if sgs:
+          sc = jnp.asarray(rng.uniform(0.5, 2.0, (-(-K // sgs), N)), jnp.float16)
+          leaves.append((f" +scales/{sgs}", dataclasses.replace(w0, scales=sc, scale_group_size=sgs)))
+        for suffix, w in leaves:
+          want = np.asarray(dequant(x, w), np.float32)
+          scale = float(np.abs(want).max())
+          moved = nbytes(*(a for a in (w.indices, w.codebook, w.scales) if a is not None), x) + out_bytes
+          tag = f"k={k} ({w.bits}-bit){suffix}"
+          row(case, f"{tag} dequant", bench(dequant, x, w, reps=reps), moved, t_bf16, t_f32)
+          variants = [("xla", bk) for bk in xla_bks] + [(i, None) for i in impls if i != "xla"]
+          for impl, bk in variants:
+            bs = BlockSizes(xla_block_k=bk) if bk else BlockSizes()
+            f = jax.jit(lambda x, w, impl=impl, bs=bs: shared_matmul(x, w, impl=impl, block_sizes=bs))
+            got = np.asarray(f(x, w), np.float32)
+            err = f"{np.abs(got - want).max() / scale:.1e}"
+            name = f"{tag} shared/{impl}" + (f" (xla_block_k={bk})" if bk else "")
+            row(case, name, bench(f, x, w, reps=reps), moved, t_bf16, t_f32, err)
+      if args.no_hashed:
+        continue
       B = max(1, K * N // args.hash_ratio)
       h = HashedArray(jnp.asarray(rng.normal(size=(B,)) * 0.02, dt), (K, N), dt, seed=12345)
       want = np.asarray(dequant(x, h), np.float32)
@@ -175,7 +195,8 @@ def main(argv=None):
           f" with {dname} activations and codebooks; ratios > 1 mean faster than the dense"
           f" matmul. GB/s counts the bytes each op must read (weight storage, x) and write"
           f" (output). Sweep: M in {list(ms_list)}, (K, N) in {[tuple(s) for s in shapes]},"
-          f" k in {list(FULL_K)}, {reps} timed calls per case (median)."
+          f" k in {list(ks)}, {reps} timed calls per case (median)."
+          + (f" Scaled leaves: f16 scales per {sgs} rows." if sgs else "") +
           f" max rel err: max |ours - dequant| / max |dequant|.\n\n{table}\n")
   if not args.no_write:
     write_section("matmul", "Compressed matmul kernels (benchmarks/matmul_bench.py)", body)

@@ -17,7 +17,9 @@ codebooks in their dtype, group scales, outliers: everything stored), for:
   LUT with 64-group scales (``scale_group_size=64``);
 * ``qws_jax.calibrate`` + ``qws_jax.share(..., calibration=stats)``: error-feedback
   assignment and least-squares codebook refit under the layer-input statistics, with
-  sparse outliers (``outliers=``) and fp16 codebooks (``codebook_dtype=``).
+  sparse outliers (``outliers=``) and fp16 codebooks (``codebook_dtype=``);
+* ``qws_jax.share_mixed(params, bits, candidates=..., calibration=stats)``: the codebook
+  size and outlier fraction chosen per matrix to fit a bits/weight budget exactly.
 
 The example has no quantisation code of its own: every k-means row is one call of the
 library (the uniform baselines are the peers it is compared with). Calibration and
@@ -177,6 +179,9 @@ def shared_bits(tree) -> int:
                  if isinstance(x, qws_jax.SharedArray))
 
 
+MIXED_OUTLIERS = (1e-4, 5e-4, 2e-3)  # outlier fractions `share_mixed` may pick per matrix
+
+
 def configs(bits: int, outliers: float):
   """``(label, calibrated, share options)`` rows for ``bits`` bits per index."""
   k = 2**bits
@@ -196,6 +201,10 @@ def configs(bits: int, outliers: float):
   if bits == 2:
     rows.append((f"calibrated per channel + {100 * outliers:g}% outliers", True,
                  dict(k=k, axis=1, outliers=outliers, **f16)))
+  if bits in (3, 4):  # `share_mixed`: k and outliers per matrix within the budget
+    cands = tuple(dict(k=kk, outliers=o) for kk in (k // 2, k) for o in MIXED_OUTLIERS)
+    rows.append((f"calibrated mixed k {k // 2}/{k} + outliers, budget {bits}.0", True,
+                 dict(budget=float(bits), candidates=cands, **f16)))
   return rows
 
 
@@ -263,8 +272,13 @@ def main(argv=None) -> str:
                sum(b for _, b in out.values()), t0)
     for label, calibrated, opts in configs(bits, args.outliers):
       t0 = time.perf_counter()
-      pc = qws_jax.share(params, predicate=encoder_matrices,
-                         calibration=stats if calibrated else None, **opts)
+      if "budget" in opts:
+        opts = dict(opts)
+        pc = qws_jax.share_mixed(params, opts.pop("budget"), predicate=encoder_matrices,
+                                 calibration=stats, **opts)
+      else:
+        pc = qws_jax.share(params, predicate=encoder_matrices,
+                           calibration=stats if calibrated else None, **opts)
       if calibrated:
         t_share_calibrated[(bits, label)] = time.perf_counter() - t0
       evaluate(bits, label, qws_jax.unshare(pc), shared_bits(pc), t0)
@@ -296,7 +310,10 @@ def main(argv=None) -> str:
       f" {calib_set.n} different sentences. bits/weight = `SharedArray.nbytes` * 8 / weights"
       " (packed indices, fp16 codebooks, fp16 scales, outliers as fp16 value + int32"
       " position); for the uniform baselines, packed codes + fp16 scales + integer zero"
-      " points. Every k-means row is one `qws_jax.share` call (see docs/calibration.md).",
+      " points. Every k-means row is one `qws_jax.share` or `qws_jax.share_mixed` call (see"
+      " docs/calibration.md); the mixed rows let each matrix take k = 2^(bits-1) or 2^bits"
+      f" and an outlier fraction in {', '.join(f'{100 * o:g}%' for o in MIXED_OUTLIERS)},"
+      " chosen by `share_mixed` to minimise the summed layer-output error within the budget.",
       "", *lines, "",
       f"Sanity: paraphrase pairs cos {para.mean():.3f} (min {para.min():.3f}), unrelated"
       f" pairs {unrel.mean():.3f} (max {unrel.max():.3f}).{timing}"

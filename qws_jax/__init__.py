@@ -19,6 +19,7 @@ from qws_jax._src.report import Report
 from qws_jax._src.report import report
 from qws_jax._src.sharding import compressed_shardings
 from qws_jax._src.share import share
+from qws_jax._src.mixed import share_mixed
 from qws_jax._src.share import unshare
 from qws_jax._src.train import canonicalize
 from qws_jax._src.train import codebook_optimizer
@@ -58,6 +59,7 @@ __all__ = [
     "restore",
     "save",
     "share",
+    "share_mixed",
     "unshare",
     "validate_hashed_array",
     "validate_shared_array",

@@ -12,9 +12,9 @@ from qws_jax import validate_hashed_array
 from qws_jax._src import hashing
 from qws_jax.kernels import BlockSizes
 from qws_jax.kernels import hashed_matmul
-from qws_jax.kernels._hashed import _Spec
-from qws_jax.kernels._hashed import _tile_hash
-from qws_jax.kernels._hashed import hashed_matmul_reference
+from qws_jax.kernels import hashed_matmul_reference
+from qws_jax.kernels._decode import HashedSpec
+from qws_jax.kernels._decode import tile_hash
 
 SMALL = BlockSizes(block_m=16, block_n=32, block_k=16, xla_block_k=32)
 
@@ -38,13 +38,13 @@ def test_tile_hash_is_the_library_hash():
   """The kernels' tile hash gives exactly HashedArray.bucket_and_sign (spec v1 integers)."""
   rng = np.random.default_rng()
   w = make_hashed(rng, 37, 53, 29, seed=2**32 - 1)
-  spec = _Spec(K=37, N=53, num_buckets=29, seed=w.seed, signed=True, impl="xla", bs=BlockSizes())
-  b, s = _tile_hash(0, 37, 0, 53, spec)
+  spec = HashedSpec(K=37, N=53, num_buckets=29, seed=w.seed, signed=True, impl="xla", bs=BlockSizes())
+  b, s = tile_hash(0, 37, 0, 53, spec)
   b0, s0 = w.bucket_and_sign()
   np.testing.assert_array_equal(b, b0)
   np.testing.assert_array_equal(s, s0)
   # A sub-tile at an offset.
-  b, s = jax.jit(lambda r, c: _tile_hash(r, 8, c, 16, spec))(20, 30)
+  b, s = jax.jit(lambda r, c: tile_hash(r, 8, c, 16, spec))(20, 30)
   np.testing.assert_array_equal(b, b0[20:28, 30:46])
   np.testing.assert_array_equal(s, s0[20:28, 30:46])
 

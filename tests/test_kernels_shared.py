@@ -14,8 +14,10 @@ from qws_jax._src import types
 from qws_jax.kernels import BlockSizes
 from qws_jax.kernels import shared_matmul
 from qws_jax.kernels import _common
-from qws_jax.kernels import _shared
-from qws_jax.kernels._shared import shared_matmul_reference
+from qws_jax.kernels import mosaic
+from qws_jax.kernels import ops
+from qws_jax.kernels import triton
+from qws_jax.kernels import shared_matmul_reference
 
 # Small tiles so that small test shapes span several tiles, several K steps and padding.
 SMALL = BlockSizes(block_m=16, block_n=32, block_k=16, xla_block_k=32)
@@ -226,8 +228,12 @@ def test_dispatch_on_this_backend():
   backend = jax.default_backend()
   assert _common.default_impl() == ("xla" if backend == "cpu" else "pallas")
   assert _common.pallas_kernel() == ("mosaic" if backend == "tpu" else "triton")
-  assert _common.resolve_impl(None, "bits=3") == "xla"
-  assert _common.resolve_impl("interpret", None) == "interpret"
+  assert _common.resolve_impl(None, lambda kernel: "bits=3") == "xla"
+  assert _common.resolve_impl("interpret", lambda kernel: None) == "interpret"
+  assert _common.resolve_impl("xla", lambda kernel: "anything") == "xla"
+  assert _common.resolve_impl("pallas", lambda kernel: None) == _common.pallas_kernel()
+  with pytest.raises(NotImplementedError, match="bits=3"):
+    _common.resolve_impl("interpret", lambda kernel: "bits=3")
 
 
 def test_block_sizes_validate_and_clamp():
@@ -277,7 +283,7 @@ def test_tpu_kernel_interpret_matches_reference(layout, k, K, N, m, dtype):
   rng = np.random.default_rng()
   w = make_shared(rng, K, N, k, layout, dtype=dtype)
   x = jnp.asarray(rng.normal(size=(m, K)), dtype)
-  y = _shared._run(x, w, "mosaic_interpret", BlockSizes(block_k=128))
+  y = ops._run(x, w, "mosaic_interpret", BlockSizes(block_k=128))
   assert y.shape == (m, N) and y.dtype == dtype
   np.testing.assert_allclose(np.asarray(y, np.float32),
                              np.asarray(shared_matmul_reference(x, w), np.float32), **tol(dtype))
@@ -287,12 +293,14 @@ def test_tpu_kernel_lowers_for_tpu_and_refuses_other_layouts():
   rng = np.random.default_rng()
   w = make_shared(rng, 512, 256, 16, "tensor", dtype=jnp.bfloat16)
   x = jnp.asarray(rng.normal(size=(1, 512)), jnp.bfloat16)
-  f = jax.jit(lambda x, w: _shared._run(x, w, "mosaic", BlockSizes()))
+  f = jax.jit(lambda x, w: ops._run(x, w, "mosaic", BlockSizes()))
   assert "tpu_custom_call" in f.trace(x, w).lower(lowering_platforms=("tpu",)).as_text()
   for layout in ("col", "group"):
     wl = make_shared(rng, 64, 32, 16, layout, group_size=32)
-    assert "TPU kernel" in _shared.pallas_unsupported(wl, "mosaic")
-    assert _shared.pallas_unsupported(wl, "triton") is None
+    assert "TPU kernel" in ops.pallas_unsupported(wl, "mosaic")
+    assert "TPU kernel" in mosaic.shared_unsupported(wl)
+    assert ops.pallas_unsupported(wl, "triton") is None
+    assert triton.shared_unsupported(wl) is None
 
 
 @pytest.mark.parametrize("opts", [dict(k=16, axis=-1), dict(k=16, group_size=32)],

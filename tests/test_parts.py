@@ -108,3 +108,23 @@ def test_layers_run_leaves_with_parts():
   want = Net().apply({"params": qws_jax.unshare(pc)}, ids)
   got = jax.jit(qws_jax.apply(Net().apply))({"params": pc}, ids)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(k=16, scale_group_size=32), dict(k=16, outliers=0.01),
+    dict(k=8, scale_group_size=7, outliers=0.02), dict(k=8, axis=0, outliers=0.01),
+    dict(k=8, axis=-1, codebook_dtype=jnp.float16, outliers=0.01)],
+    ids=lambda o: ",".join(f"{k}={getattr(v, '__name__', v)}" for k, v in o.items()))
+def test_take_rows_with_parts_decodes_only_the_rows(opts):
+  """Embedding lookups of leaves with scales / outliers: exact rows, no full table."""
+  from qws_jax._src import ops
+  x = jax.random.normal(jax.random.key(0), (300, 64))
+  w = qws_jax.share({"w": x}, predicate=lambda *_: True, **opts)["w"]
+  ids = jnp.array([[0, 5, 299, 5], [17, 300, -1, 150]])
+  got = np.asarray(ops.take_rows(w, ids))
+  dense = np.asarray(w.materialize())
+  inside = (np.asarray(ids) >= 0) & (np.asarray(ids) < 300)
+  np.testing.assert_array_equal(got[inside], dense[np.asarray(ids)[inside]])
+  assert np.all(np.isnan(got[~inside]))  # out of range: NaN rows, like flax's Embed
+  jaxpr = str(jax.make_jaxpr(ops.take_rows)(w, ids))
+  assert "f32[300,64]" not in jaxpr and "f16[300,64]" not in jaxpr

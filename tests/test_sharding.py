@@ -232,12 +232,23 @@ def parts_and_stacked():
                                            stack_axes=1)["w"],
                          P("a", None, "b")),
   }
+  x3b = jax.random.normal(jax.random.key(5), (4, 64, 128), jnp.float32)
+  # 3-D leaves whose groups / scales run over the flattened rows, middle axis sharded.
+  cases["group3d"] = (qws_jax.share({"w": x3b}, k=8, group_size=32)["w"], P(None, "a", "b"))
+  cases["scales3d"] = (qws_jax.share({"w": x3b}, k=8, scale_group_size=32)["w"],
+                       P("a", "b", None))
   res = {}
   for name, (leaf, spec) in cases.items():
     s = qws_jax.compressed_shardings({"w": leaf}, {"w": NamedSharding(mesh, spec)})["w"]
     placed = jax.device_put(leaf, s)
     specs = {k: str(v.sharding.spec) for k, v in types_lib.children(placed).items()
              if v is not None}
+    if not leaf.stack_shape and len(leaf.shape) == 2 and isinstance(leaf, qws_jax.SharedArray):
+      # Tensor-parallel matmul, block by block (scales decoded, outliers per block).
+      xs = jax.device_put(jnp.ones((8, leaf.shape[0])), NamedSharding(mesh, P(None, spec[0])))
+      y = jax.jit(shared_matmul)(xs, placed)
+      res[name + "_matmul"] = float(np.max(np.abs(
+          np.asarray(y) - np.ones((8, leaf.shape[0])) @ np.asarray(leaf.materialize()))))
     dense = qws_jax.unshare({"w": placed})["w"]  # decoded block by block on the mesh
     res[name] = dict(specs=specs, dense_spec=str(dense.sharding.spec),
                      equal=bool(np.array_equal(np.asarray(dense), np.asarray(leaf.materialize()))))
@@ -332,7 +343,11 @@ def test_compressed_shardings_of_parts_and_stacked_leaves(results):
   """Stacked leaves, group scales and outliers: placed on a mesh and decoded block by block."""
   r = _ok(results["parts_and_stacked"])
   for name in r:
-    assert r[name]["equal"], (name, r[name])
+    if name.endswith("_matmul"):
+      assert r[name] < 1e-3, (name, r[name])
+    else:
+      assert r[name]["equal"], (name, r[name])
+  assert {"scales_matmul", "outliers_matmul"} <= set(r), r
   st = r["stacked"]["specs"]
   assert st["indices"] == "P('a', None, 'b')" and st["codebook"] == "P('a',)", st
   sc = r["scales"]["specs"]

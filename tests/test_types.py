@@ -205,16 +205,3 @@ def test_stacked_leaves_save_and_restore(tmp_path):
   np.testing.assert_array_equal(np.asarray(got.materialize()), dense)
   assert np.asarray(qws_jax.unshare({"layers": got})["layers"]).shape == (3, 8, 6)
 
-
-@pytest.mark.parametrize("opts", [
-    dict(k=16), dict(k=8, axis=0), dict(k=8, axis=1), dict(k=16, axis=-1),
-    dict(k=4, group_size=4), dict(k=16, scale_group_size=8),
-    dict(k=5, axis=-1, scale_group_size=16), dict(k=16, outliers=0.01)],
-    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_decode_at_matches_the_decoded_weight(opts):
-  x = jax.random.normal(jax.random.key(0), (6, 10, 24))
-  w = qws_jax.share({"w": x}, predicate=lambda *_: True, **opts)["w"]
-  base = dataclasses.replace(w, outlier_values=None, outlier_positions=None)
-  dense = np.asarray(base.materialize()).reshape(-1)
-  pos = np.random.default_rng(0).permutation(dense.size)
-  np.testing.assert_array_equal(np.asarray(w.decode_at(jnp.asarray(pos))), dense[pos])

@@ -95,8 +95,8 @@ def matmul(x: jax.typing.ArrayLike, w: Compressed, *, precision=None) -> jax.Arr
                      f" w.shape={tuple(w.shape)}")
   if precision not in _DEFAULT_PRECISIONS:
     return jnp.matmul(x, w.materialize().astype(x.dtype), precision=precision)
-  if isinstance(w, types.SharedArray):  # parts (scales, outliers...) go around the kernel
-    return parts.matmul(x, w, kernels.shared_matmul)
+  if isinstance(w, types.SharedArray):  # scales in the decode, outliers as a correction
+    return kernels.shared_matmul(x, w)
   if isinstance(w, types.HashedArray):
     return kernels.hashed_matmul(x, w)
   raise TypeError(f"expected a SharedArray or HashedArray, got {type(w).__name__}")
@@ -381,19 +381,26 @@ def take_rows(w: Compressed, ids: jax.Array) -> jax.Array:
     f = flat.astype(jnp.uint32)[:, None] * jnp.uint32(dim) + jnp.arange(dim, dtype=jnp.uint32)[None, :]
     b, s = hashing.bucket_and_sign(f, w.seed, w.num_buckets, w.signed)
     out = (jnp.take(w.buckets, b, axis=0) * s.astype(w.buckets.dtype)).astype(w.dtype)
-  elif w.scales is not None or w.outlier_values is not None:
-    out = jnp.take(w.materialize(), flat, axis=0, mode="clip")  # parts: decode the table
   else:
     idx = jnp.take(w.indices, flat, axis=0, mode="clip")
+    sub = dataclasses.replace(w, indices=idx, shape=(n, dim), outlier_values=None,
+                              outlier_positions=None)
     if w.group_size is not None:
       cb = jnp.take(w.codebook, flat // w.group_size, axis=0, mode="clip")
-      sub = dataclasses.replace(w, indices=idx, codebook=cb, shape=(n, dim), group_size=1)
+      sub = dataclasses.replace(sub, codebook=cb, group_size=1)
     elif w.axis == 0:
-      cb = jnp.take(w.codebook, flat, axis=0, mode="clip")
-      sub = dataclasses.replace(w, indices=idx, codebook=cb, shape=(n, dim))
-    else:
-      sub = dataclasses.replace(w, indices=idx, shape=(n, dim))
+      sub = dataclasses.replace(sub, codebook=jnp.take(w.codebook, flat, axis=0, mode="clip"))
+    if w.scales is not None:  # each looked-up row with its row of group scales
+      sub = dataclasses.replace(sub, scales=jnp.take(w.scales, flat // w.scale_group_size,
+                                                      axis=0, mode="clip"), scale_group_size=1)
     out = sub.materialize()
+    if w.outlier_values is not None:  # the outliers of the looked-up rows
+      pos = w.outlier_positions
+      hit = flat[:, None] == (pos // dim)[None, :]  # (n, outliers)
+      col = jnp.where(hit, (pos % dim)[None, :], dim)  # misses: out of range, dropped
+      row = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], hit.shape)
+      vals = jnp.broadcast_to(w.outlier_values.astype(out.dtype)[None, :], hit.shape)
+      out = out.at[row, col].set(vals, mode="drop")
   if jnp.issubdtype(out.dtype, jnp.inexact):
     bad = (flat < 0) | (flat >= n_rows)
     out = jnp.where(bad[:, None], jnp.array(jnp.nan, out.dtype), out)

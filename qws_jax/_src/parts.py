@@ -11,8 +11,9 @@ one place:
   sparse leaf (entry 0 = the exact zero);
 * `map_stacked`: runs a per-slice compressor over the leading stack axes of a weight
   and stacks the results (one codebook per scanned layer);
-* `matmul`: ``x @ w`` for any leaf, routing the parts around a base kernel that knows
-  only indices and a codebook in the leaf's dtype.
+* `matmul`: ``x @ w`` for any leaf, routing the parts around a base kernel that
+  decodes indices, a codebook in the leaf's dtype and group scales (outliers are a
+  sparse correction on top, `outlier_correction`, decoding only their positions).
 """
 
 from __future__ import annotations
@@ -89,27 +90,65 @@ def map_stacked(x: jax.Array, stack_axes: int, one: Callable[[jax.Array, int], o
 
 
 def has_parts(w) -> bool:
-  """True when a base kernel (indices + codebook in the leaf dtype) cannot run ``w`` alone."""
+  """True when a base kernel (indices, codebook in the leaf dtype, scales) cannot run
+  ``w`` alone: outliers, or a codebook in another dtype."""
   return isinstance(w, types.SharedArray) and (
-      w.scales is not None or w.outlier_values is not None
-      or np.dtype(w.codebook.dtype) != np.dtype(w.dtype))
+      w.outlier_values is not None or np.dtype(w.codebook.dtype) != np.dtype(w.dtype))
 
 
 def base_leaf(w: types.SharedArray) -> types.SharedArray:
-  """``w`` without outliers, codebook cast to the leaf dtype (what base kernels take)."""
+  """``w`` without outliers, codebook cast to the leaf dtype (what base kernels take;
+  the scales stay)."""
   return dataclasses.replace(w, codebook=w.codebook.astype(w.dtype), outlier_values=None,
                              outlier_positions=None)
+
+
+def _indices_at(w: types.SharedArray, prow: jax.Array, pcol: jax.Array) -> jax.Array:
+  """int32 index at row ``prow`` (packing rows: all axes but the last) and index column
+  ``pcol`` of one slice, read from the packed bit stream without unpacking the rows."""
+  return packing.take(w.indices.reshape(-1, w.indices.shape[-1]), w.bits, prow, pcol)
+
+
+def decoded_at(w: types.SharedArray, pos: jax.Array) -> jax.Array:
+  """``w.materialize().reshape(-1)[pos]`` without outliers, decoding only ``pos``.
+
+  ``pos`` are flat row-major positions of one slice; the result has ``w.dtype``: the
+  codebook entry times the group scale, computed as ``materialize`` computes it.
+  """
+  pos = jnp.asarray(pos).astype(jnp.int32)
+  d = w.vector_dim
+  ishape = types.index_shape(w.shape, d)
+  ipos = pos // d  # the last axis holds shape[-1] // d indices of d values each
+  prow, pcol = ipos // ishape[-1], ipos % ishape[-1]
+  flat = _indices_at(w, prow, pcol)
+  if w.group_size is not None:
+    _, c = types.matmul_view(ishape)
+    flat = ((ipos // c // w.group_size) * c + ipos % c) * w.k + flat
+  elif w.axis is not None:
+    inner = math.prod(ishape[w.axis + 1:])
+    flat = ((ipos // inner) % ishape[w.axis]) * w.k + flat
+  ct = w.decode_dtype()
+  if d == 1:
+    v = w.codebook.reshape(-1)[flat].astype(ct)
+  else:
+    v = w.codebook.reshape(-1, d)[flat, pos % d].astype(ct)
+  if w.scales is not None:
+    _, c = types.matmul_view(w.shape)
+    v = v * w.scales[(pos // c) // w.scale_group_size, pos % c].astype(ct)
+  return v.astype(w.dtype)
 
 
 def outlier_correction(x: jax.Array, w: types.SharedArray) -> jax.Array:
   """``x @ (W - W_without_outliers)`` for a leaf with outliers: a sparse product.
 
-  The decoded value at each outlier position is replaced by the stored value, so the
-  correction adds ``x[..., r] * (value - decoded)`` to output column ``c``.
+  The decoded value at each outlier position (codebook entry times its group scale,
+  what the base kernel multiplied there) is replaced by the stored value, so the
+  correction adds ``x[..., r] * (value - decoded)`` to output column ``c``. Only the
+  outlier positions are decoded.
   """
   r, c = types.matmul_view(w.shape)
   pos = w.outlier_positions
-  dense_at = base_leaf(w).materialize().reshape(-1)[pos]  # the k-means value there
+  dense_at = decoded_at(base_leaf(w), pos)  # the k-means value there, scaled
   delta = (w.outlier_values.astype(jnp.float32) - dense_at.astype(jnp.float32))
   rows, cols = pos // c, pos % c
   xs = x.reshape(-1, r)[:, rows].astype(jnp.float32) * delta[None, :]  # (M, n)
@@ -120,16 +159,12 @@ def outlier_correction(x: jax.Array, w: types.SharedArray) -> jax.Array:
 def matmul(x: jax.Array, w: types.SharedArray, base: Callable) -> jax.Array:
   """``x @ w`` (matmul view) for a leaf with parts, around ``base(x, leaf)``.
 
-  Outliers are a separate sparse product on top of the base kernel; a codebook in
-  another dtype is cast (k values) before it; group scales, which the base kernels do
-  not decode yet, fall back to a decode of the whole leaf.
+  ``base`` (`qws_jax.kernels.shared_matmul`) decodes indices, codebook and group scales;
+  a codebook in another dtype is cast (k values) before it, and outliers are a separate
+  sparse product (`outlier_correction`) on top of it.
   """
   if not has_parts(w):
     return base(x, w)
-  if w.scales is not None:
-    r, c = types.matmul_view(w.shape)
-    dense = w.materialize().reshape(r, c).astype(x.dtype)
-    return (x.reshape(-1, r) @ dense).reshape(x.shape[:-1] + (c,))
   y = base(x, base_leaf(w))
   if w.outlier_values is not None:
     y = (y.astype(jnp.float32) + outlier_correction(x, w)).astype(y.dtype)

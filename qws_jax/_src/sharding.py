@@ -51,6 +51,7 @@ from jax.sharding import PartitionSpec as P
 from qws_jax._src import hashing
 from qws_jax._src import kmeans as kmeans_lib
 from qws_jax._src import packing
+from qws_jax._src import parts
 from qws_jax._src import share as share_lib
 from qws_jax._src import types
 
@@ -496,12 +497,20 @@ def _block_layout(x: types.SharedArray, mesh, ie: list):
     got = _entries(want.indices.spec, len(ie))
     sl = got[ns:]
     cb = _entries(want.codebook.spec, x.codebook.ndim)[ns:]
-    if x.group_size is not None and cb[0] != sl[0]:
-      sl[0] = None
     if x.axis is not None and cb[0] != sl[x.axis]:
       sl[x.axis] = None
-    if x.scales is not None and _entries(want.scales.spec, x.scales.ndim)[ns] != sl[0]:
-      sl[0] = None
+    # Per-group codebooks and scales index the matmul view's rows: a block must hold
+    # whole groups of consecutive rows (only axis 0 of the rows sharded, aligned).
+    row_groups = []
+    if x.group_size is not None:
+      row_groups.append(cb[0])
+    if x.scales is not None:
+      row_groups.append(_entries(want.scales.spec, x.scales.ndim)[ns])
+    if row_groups and len(sl) > 1:
+      for a in range(1, len(sl) - 1):
+        sl[a] = None
+      if any(e != sl[0] for e in row_groups):
+        sl[0] = None
     if got[ns:] == sl:
       return want, got
     ie = got[:ns] + sl
@@ -544,9 +553,9 @@ def _materialize_shared(x: types.SharedArray, s: NamedSharding):
       specs.append(getattr(want, n).spec)
 
   def local_fn(*arrs):
-    parts = dict(zip(names, arrs))
+    blocks = dict(zip(names, arrs))
     leaf = dataclasses.replace(x, shape=local, outlier_values=None, outlier_positions=None,
-                               **parts)
+                               **blocks)
     out = leaf.materialize()
     if outl:
       vals, pos = arrs[len(names):]
@@ -721,20 +730,20 @@ def tensor_parallel_matmul(x, w: types.SharedArray, matmul):
   local = (K // _count(mesh, ie[0]), N // _count(mesh, ie[1]))
 
   def local_fn(xl, *arrs):
-    parts = dict(zip(names, arrs))
-    wl = dataclasses.replace(w, shape=local, **parts)
+    blocks = dict(zip(names, arrs))
+    wl = dataclasses.replace(w, shape=local, **blocks)
     if w.outlier_values is not None:  # keep the outliers inside this block
       r0, c0 = _shard_offsets(mesh, ie, local)
-      pos = parts["outlier_positions"]
+      pos = blocks["outlier_positions"]
       r, c = pos // N - r0, pos % N - c0
       inside = (r >= 0) & (r < local[0]) & (c >= 0) & (c < local[1])
       base = dataclasses.replace(wl, outlier_values=None, outlier_positions=None)
       # Outliers of other blocks become entry 0 holding its own decoded value: no-ops.
       wl = dataclasses.replace(
           wl, outlier_positions=jnp.where(inside, r * local[1] + c, 0),
-          outlier_values=jnp.where(inside, parts["outlier_values"],
-                                   base.decode_at(jnp.zeros((1,), jnp.int32))[0].astype(
-                                       parts["outlier_values"].dtype)))
+          outlier_values=jnp.where(inside, blocks["outlier_values"],
+                                   parts.decoded_at(base, jnp.zeros((1,), jnp.int32))[0].astype(
+                                       blocks["outlier_values"].dtype)))
     y = matmul(xl, wl)
     if k_axes:
       y = jax.lax.psum(y.astype(jnp.float32), k_axes).astype(y.dtype)

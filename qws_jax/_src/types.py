@@ -378,35 +378,6 @@ class SharedArray(_Compressed):
       f = jax.vmap(f)
     return f(self)
 
-  def decode_at(self, positions: jax.Array) -> jax.Array:
-    """Decoded values at flat ``positions`` of one slice, outliers not applied.
-
-    What the kernels decode there (codebook entry times group scale), reading only those
-    positions' indices; used for the outlier correction. Scalar codebooks, unstacked leaf.
-    """
-    if self.vector_dim != 1 or self.stack_shape:
-      raise NotImplementedError("decode_at takes an unstacked leaf with a scalar codebook")
-    r, c = matmul_view(self.shape)
-    pos = jnp.asarray(positions, jnp.int32)
-    rows, cols = pos // c, pos % c
-    idx = packing.take(self.indices.reshape(r, -1), self.bits, rows, cols)
-    if self.group_size is not None:
-      gid = (rows // self.group_size) * c + cols
-    elif self.axis is not None:
-      nd = len(self.shape)
-      coord = pos
-      for d in reversed(range(self.axis + 1, nd)):
-        coord = coord // self.shape[d]
-      gid = coord % self.shape[self.axis]
-    else:
-      gid = None
-    flat = idx if gid is None else gid * self.k + idx
-    ct = self.decode_dtype()
-    v = jnp.take(self.codebook.reshape(-1), flat, axis=0).astype(ct)
-    if self.scales is not None:
-      v = v * self.scales.astype(ct)[rows // self.scale_group_size, cols]
-    return v
-
   def _materialize_slice(self) -> jax.Array:
     idx = self.unpacked_indices().astype(jnp.int32)
     k, d = self.k, self.vector_dim

@@ -1,14 +1,26 @@
-"""Shared plumbing of the matmul kernels: block sizes, implementation dispatch, shapes."""
+"""Shared plumbing of the matmul kernels: block sizes, the ``impl`` vocabulary, shapes.
+
+Every module of the package may import this one; it imports none of them.
+
+The ``impl`` vocabulary (None, ``"pallas"``, ``"xla"``, ``"interpret"``, the same for
+`shared_matmul` and `hashed_matmul`) is documented in `qws_jax.kernels`.
+
+`resolve_impl` turns one of these into a *backend*, the name the kernels dispatch on:
+``"xla"``, ``"triton"``, ``"interpret"`` (Triton in interpret mode), ``"mosaic"`` or
+``"mosaic_interpret"`` (the last only for tests).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("pallas", "xla", "interpret")
+IMPLS = ("pallas", "xla", "interpret")  # the public values besides None
+BACKENDS = ("xla", "triton", "interpret", "mosaic", "mosaic_interpret")
 
 
 def _is_pow2(v: int) -> bool:
@@ -44,7 +56,9 @@ class BlockSizes:
     block_k: reduction step inside the kernel.
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining stages.
-    xla_block_k: rows of the weight decoded per step by the XLA path.
+    xla_block_k: rows of the weight decoded per step by the XLA path (for a leaf with
+      group scales, a multiple or divisor of ``scale_group_size`` of at least half this,
+      when there is one, so that blocks align with the scale groups).
     split_k: Triton kernels only: the K loop is split over this many programs per
       output tile (a third grid axis), whose f32 partial sums go to separate buffers
       and are added by XLA afterwards (no race). More programs for small ``M``, where
@@ -120,29 +134,35 @@ def pallas_kernel() -> str:
   return "mosaic" if jax.default_backend() == "tpu" else "triton"
 
 
-def resolve_impl(impl: str | None, pallas_unsupported: str | None) -> str:
-  """The implementation to run.
+def resolve_impl(impl: str | None, unsupported: Callable[[str], str | None]) -> str:
+  """The backend that runs a public ``impl`` (the vocabulary of `qws_jax.kernels`).
 
   Args:
-    impl: the user's choice (None: by backend).
-    pallas_unsupported: why the Pallas kernel cannot handle this input, or None.
+    impl: the user's choice: None, ``"pallas"``, ``"xla"`` or ``"interpret"``.
+    unsupported: ``unsupported(kernel)`` says why the Pallas ``kernel`` (``"triton"`` or
+      ``"mosaic"``) cannot run this weight, or returns None when it can.
+
+  Returns:
+    One of `BACKENDS` (never a ``*_interpret`` Mosaic backend).
 
   Raises:
-    NotImplementedError: ``impl`` names a Pallas mode the input is not supported by.
+    ValueError: ``impl`` is not in the vocabulary.
+    NotImplementedError: ``impl`` names a Pallas kernel that does not support the weight.
   """
   check_impl(impl)
+  if impl == "xla":
+    return "xla"
+  kernel = "triton" if impl == "interpret" else pallas_kernel()
+  why = unsupported(kernel)
   if impl is None:
-    impl = default_impl()
-    if impl == "pallas" and pallas_unsupported:
-      impl = "xla"
-    return impl
-  if impl in ("pallas", "interpret") and pallas_unsupported:
-    raise NotImplementedError(f"impl={impl!r}: the Pallas kernel does not support this"
-                              f" weight ({pallas_unsupported}); use impl='xla' or None")
-  return impl
+    return "xla" if default_impl() == "xla" or why else kernel
+  if why:
+    raise NotImplementedError(f"impl={impl!r}: the Pallas {kernel} kernel does not support"
+                              f" this weight ({why}); use impl='xla' or None")
+  return "interpret" if impl == "interpret" else kernel
 
 
-def block_sizes_or_default(block_sizes) -> "BlockSizes":
+def block_sizes_or_default(block_sizes) -> BlockSizes:
   """``BlockSizes()`` for None; a TypeError for anything but a `BlockSizes`."""
   if block_sizes is None:
     return BlockSizes()
@@ -174,8 +194,3 @@ def pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
 
 def round_up(v: int, m: int) -> int:
   return -(-v // m) * m
-
-
-def triton_params(bs: BlockSizes):
-  from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
-  return pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
