@@ -25,7 +25,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -273,7 +275,12 @@ def run_linen(name, model, args, k, reps):
   variables = jax.jit(model.init)(jax.random.key(1), *args)
   params = variables["params"]
   rest = {c: v for c, v in variables.items() if c != "params"}
-  params_c = qws_jax.share(params, k=k)
+  t0 = time.perf_counter()
+  params_c = jax.block_until_ready(qws_jax.share(params, k=k))
+  cold = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  jax.block_until_ready(qws_jax.share(params, k=k))
+  warm = time.perf_counter() - t0
   dense_vars = {"params": qws_jax.unshare(params_c), **rest}
   f_dense = jax.jit(model.apply)
   f_comp = jax.jit(qws_jax.apply(model.apply))
@@ -281,12 +288,18 @@ def run_linen(name, model, args, k, reps):
                               - f_dense(dense_vars, *args))))
   td, tc = _time_pair(f_dense, (dense_vars,) + args, f_comp, ({"params": params_c, **rest},) + args,
                       reps)
-  return td, tc, _fraction(params_c), err
+  return td, tc, _fraction(params_c), err, cold, warm
 
 
 def run_nnx(name, cls, args, k, reps):
   model = cls(nnx.Rngs(0))
+  t0 = time.perf_counter()
   model_c = qws_jax.nnx.share(model, k=k)
+  jax.block_until_ready(nnx.state(model_c))
+  cold = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  jax.block_until_ready(nnx.state(qws_jax.nnx.share(model, k=k)))
+  warm = time.perf_counter() - t0
   pure_c = nnx.to_pure_dict(nnx.state(model_c, nnx.Param))
   graphdef, params, other = nnx.split(model, nnx.Param, ...)
   params = jax.tree_util.tree_map(lambda a: a, params)
@@ -296,7 +309,17 @@ def run_nnx(name, cls, args, k, reps):
   f_comp = jax.jit(lambda s, *a: nnx.merge(gd_c, s)(*a))
   err = float(jnp.max(jnp.abs(f_comp(st_c, *args) - f_dense(params, other, *args))))
   td, tc = _time_pair(f_dense, (params, other) + args, f_comp, (st_c,) + args, reps)
-  return td, tc, _fraction(pure_c), err
+  return td, tc, _fraction(pure_c), err, cold, warm
+
+
+def _child(name: str, k: int, reps: int) -> dict:
+  """One model in this (fresh) process: share cold and warm, then the forward timings."""
+  cases = {n: ("linen", c) for n, c in _linen_cases().items()}
+  cases.update({n: ("nnx", c) for n, c in _nnx_cases().items()})
+  api, (model, inputs) = cases[name]
+  run = run_linen if api == "linen" else run_nnx
+  td, tc, frac, err, cold, warm = run(name, model, inputs, k, reps)
+  return dict(name=name, api=api, td=td, tc=tc, frac=frac, err=err, cold=cold, warm=warm)
 
 
 def main(argv=None):
@@ -305,27 +328,42 @@ def main(argv=None):
   ap.add_argument("--k", type=int, default=16)
   ap.add_argument("--reps", type=int, default=20)
   ap.add_argument("--no-write", action="store_true")
+  ap.add_argument("--child", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
+  if args.child:
+    print("ROW" + json.dumps(_child(args.child, args.k, args.reps)), flush=True)
+    return
   load0 = os.getloadavg()
   rows = []
-  cases = [("linen", n, c) for n, c in _linen_cases().items()] + [
-      ("nnx", n, c) for n, c in _nnx_cases().items()]
-  for api, name, (model, inputs) in cases:
+  names = list(_linen_cases()) + list(_nnx_cases())
+  for name in names:
     if args.only and name not in args.only:
       continue
-    run = run_linen if api == "linen" else run_nnx
-    td, tc, frac, err = run(name, model, inputs, args.k, args.reps)
-    rows.append((name, api, td, tc, frac, err))
-    print(f"{name:10s} {api:5s} dense {td:8.3f} ms  compressed {tc:8.3f} ms  ratio {tc / td:5.2f}"
-          f"  compressed {frac:5.1%}  max|diff| {err:.1e}", flush=True)
+    # Each model in a fresh process, so its first `share` is what a user meets first.
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name,
+                           "--k", str(args.k), "--reps", str(args.reps)],
+                          capture_output=True, text=True, check=False)
+    got = [l for l in proc.stdout.splitlines() if l.startswith("ROW")]
+    if proc.returncode or not got:
+      raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    r = json.loads(got[-1][3:])
+    rows.append(r)
+    print(f"{name:10s} {r['api']:5s} dense {r['td']:8.3f} ms  compressed {r['tc']:8.3f} ms"
+          f"  ratio {r['tc'] / r['td']:5.2f}  compressed {r['frac']:5.1%}  max|diff|"
+          f" {r['err']:.1e}  share cold {r['cold']:.2f} s warm {r['warm']:.2f} s", flush=True)
   load1 = os.getloadavg()
   body = [f"Batch 1, jitted forward, median of {args.reps} calls each (dense and compressed"
           f" alternating in one process); `qws_jax.share(params, k={args.k})` with the default"
-          f" selection. Load average (1 min) {load0[0]:.1f} before, {load1[0]:.1f} after.",
+          " selection (`qws_jax.nnx.share` for NNX). Each model runs in a fresh process:"
+          " share cold = its first `share` call (compilation included), warm = a second call."
+          f" Load average (1 min) {load0[0]:.1f} before, {load1[0]:.1f} after.",
           "", "| model | API | dense ms | compressed ms | compressed / dense | weights compressed"
-          " | max abs diff to unshare |", "|---|---|---|---|---|---|---|"]
-  for name, api, td, tc, frac, err in rows:
-    body.append(f"| {name} | {api} | {td:.3f} | {tc:.3f} | {tc / td:.2f}x | {frac:.1%} | {err:.1e} |")
+          " | max abs diff to unshare | share cold | share warm |",
+          "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    body.append(f"| {r['name']} | {r['api']} | {r['td']:.3f} | {r['tc']:.3f} |"
+                f" {r['tc'] / r['td']:.2f}x | {r['frac']:.1%} | {r['err']:.1e} |"
+                f" {r['cold']:.2f} s | {r['warm']:.2f} s |")
   text = "\n".join(body)
   print(text)
   if not args.no_write:
