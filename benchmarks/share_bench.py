@@ -125,7 +125,11 @@ def table(rows) -> str:
           "(compilation included), warm = best of two more calls, cold - warm = compilation "
           "and first-run costs. kmeans1d (exact, C++) clusters the same rows one by one in "
           "the same run; MSE ratios are per row against its optimum. The machine is shared "
-          "(2 cores, other jobs running): the load average before and after is given.\n\n")
+          "(2 cores, other jobs running): the load average before and after is given. "
+          "Per-channel and per-group rows: every value an atom up to 320 values (the exact "
+          "optimum: groups of 64), else 320 cube-root atoms; the banded exact DP on the "
+          "atoms (band certified per row), then a windowed boundary DP on the values "
+          "(docs/design.md, k-means).\n\n")
   body += "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
   for r in rows:
     body += "| " + " | ".join([

