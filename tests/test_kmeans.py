@@ -204,6 +204,46 @@ def test_band_certificate_rejects_a_long_optimal_cluster():
   assert _sse(x, res.centroids) <= _optimal_sse(x, k) * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("k,m,n", [(16, 64, 64), (8, 96, 120), (4, 64, 200)])
+def test_band_dp_layouts_agree_and_certificate_is_sound(monkeypatch, k, m, n):
+  # The diagonal layout (narrow bands) and the block layout give the same bits; when the
+  # certificate passes, the banded cost is the unrestricted optimum (the full band).
+  rng = np.random.default_rng(k * 1000 + m)
+  rows = np.stack([rng.standard_normal(n), rng.standard_t(2, n), rng.uniform(-1, 1, n),
+                   np.concatenate([1e-3 * rng.standard_normal(n // 2),
+                                   rng.standard_normal(n - n // 2)])])
+  xs = np.sort(rows.astype(np.float32), axis=1)
+
+  def run(band):
+    def one(x):
+      pa, _, _ = km._short_atoms(x, jnp.ones(n, jnp.float32), m=m)  # pylint: disable=protected-access
+      return km.band_dp((pa[0], pa[1], pa[2]), k, band)
+    with jax.enable_x64(True):
+      return jax.jit(jax.vmap(one))(jnp.asarray(xs))
+
+  full = np.asarray(run(m)[1])
+  certified = 0
+  for band in (16, 48):
+    monkeypatch.setattr(km, "DIAGONAL_MAX_BAND", 10**6)
+    diag = run(band)
+    monkeypatch.setattr(km, "DIAGONAL_MAX_BAND", 0)
+    block = run(band)
+    for a_, b_ in zip(diag, block):
+      np.testing.assert_array_equal(np.asarray(a_), np.asarray(b_))
+    cost, ok = np.asarray(diag[1]), np.asarray(diag[2])
+    assert np.all(cost >= full * (1 - 1e-6) - 1e-12)
+    assert np.all(cost[ok] <= full[ok] * (1 + 1e-6) + 1e-12)
+    certified += int(ok.sum())
+  assert certified > 0
+
+
+def test_row_buckets():
+  assert [km.row_bucket(n) for n in (1, 16, 17, 33, 48, 49, 65, 96, 97, 129, 384, 385, 1536)] == [
+      16, 16, 32, 48, 48, 64, 96, 96, 128, 192, 384, 512, 1536]
+  assert all(km.row_bucket(n) % km.BLOCK == 0 for n in range(1, 5000))
+  assert km.row_bucket(70000) == 70000  # long rows are not bucketed
+
+
 def test_short_rows_same_on_host_and_under_jit():
   # Host rows are sorted by NumPy, traced rows by lax.sort: the same order, so the same
   # bits, with ties, signed zeros, zero weights and (jnp sort path) real weights.

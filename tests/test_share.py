@@ -260,8 +260,9 @@ def test_leaves_of_many_shapes_share_compiled_programs():
   # a second tree with new shapes (same buckets) compiles nothing new for k-means.
   from qws_jax._src import kmeans as km
   rng = np.random.default_rng(10)
-  a = {f"w{i}": jnp.asarray(rng.standard_normal((40 + i, 48)), jnp.float32) for i in range(3)}
-  b = {f"w{i}": jnp.asarray(rng.standard_normal((50 + i, 48)), jnp.float32) for i in range(3)}
+  a = {f"w{i}": jnp.asarray(rng.standard_normal((50 + i, 48)), jnp.float32) for i in range(3)}
+  b = {f"w{i}": jnp.asarray(rng.standard_normal((57 + i, 48)), jnp.float32) for i in range(3)}
+  assert {km.row_bucket(r) for r in (50, 51, 52, 57, 58, 59)} == {64}
   qws_jax.share(a, k=4, axis=-1)
   before = km._short_chunk._cache_size()
   qws_jax.share(b, k=4, axis=-1)
@@ -280,3 +281,26 @@ def test_progress_bar(capsys):
 def test_rule_checked_when_built(kw, match):
   with pytest.raises(ValueError, match=r"Rule\('x'\).*" + match):
     qws_jax.Rule("x", **kw)
+
+
+def test_mid_size_tensors_use_the_histogram_program():
+  # Per-tensor leaves of 1025..4096 values at k <= 16 use the histogram path (compiled
+  # once per k, not once per row bucket) and stay within 1.001x of the optimum; a leaf
+  # with at most k distinct values is still reproduced exactly.
+  from qws_jax._src import kmeans as km
+  kmeans1d = pytest.importorskip("kmeans1d")
+  rng = np.random.default_rng(21)
+  p = {"a": jnp.asarray(rng.standard_t(4, (64, 40)), jnp.float32),
+       "w": jnp.asarray(rng.standard_normal((50, 50)), jnp.float32)}
+  before = km._short_chunk._cache_size()
+  s = qws_jax.share(p, k=16)
+  assert km._short_chunk._cache_size() == before
+  for name, x in p.items():
+    x = np.asarray(x, np.float64).ravel()
+    ours = np.sum((np.asarray(s[name].materialize(), np.float64).ravel() - x) ** 2)
+    c = np.sort(np.asarray(kmeans1d.cluster(x, 16).centroids))
+    best = np.sum((x - c[np.searchsorted((c[1:] + c[:-1]) / 2, x)]) ** 2)
+    assert ours <= best * 1.001, name
+  few = jnp.asarray(rng.choice([-0.5, 0.1, 3.0], (60, 60)), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(qws_jax.share({"f": few}, k=16)["f"].materialize()),
+                                np.asarray(few))

@@ -3,7 +3,7 @@
 1-D algorithm (``method="dp"``, the default), all static shapes, see docs/design.md:
 
 * **Short rows** (``n <= sort_threshold``: channels, groups, small tensors) are padded
-  to a power-of-two row bucket, sorted (on the host for concrete inputs, `lax.sort`
+  to a row bucket (`row_bucket`: powers of two and 1.5 times them), sorted (on the host for concrete inputs, `lax.sort`
   under tracing: the same order) and run in fixed-size chunks of rows (one compiled
   program per (k, bucket, chunk)). Per row: atoms (every value when the row has at
   most ``num_atoms`` values, else contiguous atoms of equal mass under ``p(x)**(1/3)``);
@@ -17,9 +17,10 @@
   exact Lloyd step on the raw values.
 
 **The banded DP.** ``D_m[j] = min_i D_{m-1}[i] + C(i, j)`` over sorted atoms, but only
-for clusters of at most ``band`` atoms, as dense min-plus products on blocks of `BLOCK`
-columns (``(M / BLOCK, BLOCK + band, BLOCK)`` costs, float64 prefix sums, one float32
-cost table per row reused by the ``k - 1`` layers). The band is a certificate, not a
+for clusters of at most ``band`` atoms, as dense min-plus products over one float32 cost
+table per row (from float64 prefix sums) reused by the ``k - 1`` layers: stored by
+cluster length for narrow bands (one elementwise minimum per layer), by blocks of
+`BLOCK` cluster ends otherwise (`band_layers`). The band is a certificate, not a
 heuristic: a cluster longer than ``band`` atoms costs at least the cheapest run of
 ``band + 1`` atoms (adding points never lowers a cluster's SSE), so when that is at
 least the banded optimum no better clustering can contain one and the banded result is
@@ -203,19 +204,22 @@ def row_atoms(ws, xs, m: int):
 BLOCK = 16  # columns per block of the banded DP
 BAND_SPANS_ATOMS = 1.5  # `band_width`: mean cluster spans per k**(1/3), cube-root atoms
 BAND_SPANS_VALUES = 1.75  # ... every value an atom (or nearly: rows up to twice num_atoms)
+BAND_SPANS_HIST = 2.0  # ... atoms of a histogram (one DP per leaf: a wider band is cheap)
 
 
-def band_width(k: int, m: int, value_atoms: bool = False) -> int:
+def band_width(k: int, m: int, value_atoms: bool = False, hist: bool = False) -> int:
   """Longest cluster, in atoms, that the banded DP considers (a multiple of `BLOCK`).
 
   About ``c * k**(1/3)`` mean cluster spans (``m / k`` atoms), where a run that long
   costs several times the whole optimum (a run of ``c`` mean spans costs about ``c**3``
   times a typical cluster, and the optimum about ``k`` times one), so the certificate
   in `band_dp` passes on almost every row. Every value an atom (short rows): the dense
-  centre of a row holds longer clusters, hence the larger ``c``.
+  centre of a row holds longer clusters, hence the larger ``c``; histogram atoms of
+  flat (uniform or truncated-normal initialised) weights need ``c = 2`` (at 1.5 the
+  certificate failed on most kernels of a freshly initialised LM1B model).
   """
-  spans = (BAND_SPANS_VALUES if value_atoms else BAND_SPANS_ATOMS) * k ** (1.0 / 3.0)
-  band = math.ceil(spans * m / k / BLOCK) * BLOCK
+  c = BAND_SPANS_HIST if hist else BAND_SPANS_VALUES if value_atoms else BAND_SPANS_ATOMS
+  band = math.ceil(c * k ** (1.0 / 3.0) * m / k / BLOCK) * BLOCK
   return int(min(max(band, BLOCK), m))
 
 
@@ -272,9 +276,40 @@ def _band_costs(p, band: int):
 
 
 def _windows(q, nb: int, width: int):
-  """``(nb, width)`` overlapping windows ``q[c*BLOCK : c*BLOCK + width]`` (static slices)."""
-  return jnp.concatenate([q[o * BLOCK:o * BLOCK + nb * BLOCK].reshape(nb, BLOCK)
-                          for o in range(width // BLOCK)], axis=1)
+  """``(nb, width)`` overlapping windows ``q[c*BLOCK : c*BLOCK + width]`` (one static
+  gather: compiles faster than concatenated slices, runs as fast)."""
+  return jnp.take(q, np.arange(nb)[:, None] * BLOCK + np.arange(width)[None, :])
+
+
+def _tree_min(terms):
+  """Elementwise minimum of equal-shape arrays as a balanced tree (one loop fusion)."""
+  while len(terms) > 1:
+    terms = [jnp.minimum(*terms[a:a + 2]) if a + 1 < len(terms) else terms[a]
+             for a in range(0, len(terms), 2)]
+  return terms[0]
+
+
+def _diagonal_costs(p, band: int):
+  """float32 costs ``(band + 1, m + 1)`` by cluster length: entry ``(o, j)`` is the cost
+  of the cluster ``[j - o, j)`` (``inf`` where ``j < o``), computed in float64 with the
+  arithmetic of `_band_costs`. The shifted prefix sums ``p[j - o]`` are a static
+  tile-and-reshape of ``p`` (row ``r`` of a tiled vector reshaped to one less than its
+  period is the vector shifted by ``r``), which XLA fuses without a gather."""
+  arr = jnp.stack(p)
+  m = arr.shape[1] - 1
+  q = jnp.concatenate([jnp.zeros((3, band), arr.dtype), arr, jnp.zeros((3, 1), arr.dtype)], 1)
+  period = q.shape[1]
+  pi = jnp.tile(q, (1, band + 1))[:, :(band + 1) * (period - 1)]
+  pi = pi.reshape(3, band + 1, period - 1)[:, :, band:band + m + 1]  # pi[:, o, j] = p[j - o]
+  pj = arr[:, None, :]
+  dw, d1, d2 = pj[0] - pi[0], pj[1] - pi[1], pj[2] - pi[2]
+  c = jnp.where(dw > 0, jnp.maximum(d2 - d1 * d1 / jnp.where(dw > 0, dw, 1.0), 0.0), 0.0)
+  o, j = np.arange(band + 1)[:, None], np.arange(m + 1)[None, :]
+  return jnp.where(j >= o, c.astype(jnp.float32), jnp.inf)
+
+
+DIAGONAL_MAX_BAND = 128  # `band_dp`: diagonal layout up to this band (faster there), else blocks
+DIAGONAL_MAX_ATOMS = 1024
 
 
 def band_dp(p, k: int, band: int):
@@ -285,66 +320,96 @@ def band_dp(p, k: int, band: int):
   Returns ``(starts, cost, exact)``: ``starts`` ``(k - 1,)`` int32, where cluster
   ``l + 1`` begins (clusters may be empty); the float32 cost; and whether the band is
   certified (no clustering with a longer cluster can cost less), in which case this is
-  the unrestricted optimum. Costs ``(k - 1) * m * (band + BLOCK)`` additions. Call under
-  ``jax.enable_x64``.
+  the unrestricted optimum. Costs about ``(k - 1) * m * band`` additions
+  (`band_layers`), then `band_finish`. Call under ``jax.enable_x64``.
+  """
+  return band_finish(p, band_layers(p, k, band), k, band)
+
+
+def band_layers(p, k: int, band: int):
+  """The layers ``D_1 .. D_{k-1}`` ``(k - 1, m + 1)`` float32 of the banded DP: ``D_l[j]``
+  is the least cost of the first ``j`` atoms in at most ``l`` clusters of at most
+  ``band`` atoms (``(1, m + 1)`` for ``k = 1``).
+
+  Two layouts of the same computation (identical results): for narrow bands on few
+  atoms (short rows) the costs are stored by cluster length and each layer is one
+  elementwise minimum over the ``band + 1`` shifted rows; otherwise they are stored in
+  blocks of `BLOCK` cluster ends (`_band_costs`), whose layers stay cache-sized.
   """
   m = p[0].shape[0] - 1
   if m % BLOCK or band % BLOCK or not 0 < band <= m:
     raise ValueError(f"band_dp needs m ({m}) and band ({band}) multiples of {BLOCK}, "
                      "0 < band <= m")
-  nb, width = m // BLOCK, BLOCK + band
-  table = _band_costs(p, band)
-  pad = jnp.full((band - 1,), jnp.inf, jnp.float32)
   j = np.arange(m + 1)
   first = jnp.where(j <= band, _cost(p, np.zeros_like(j), j).astype(jnp.float32), jnp.inf)
-  zero = jnp.zeros((1,), jnp.float32)
+  if k <= 2:
+    return first[None]
+  if band <= DIAGONAL_MAX_BAND and m <= DIAGONAL_MAX_ATOMS:
+    table = _diagonal_costs(p, band)
+    pad = jnp.full((band,), jnp.inf, jnp.float32)
 
-  def layer(d):
-    q = jnp.concatenate([pad, d])
-    new = jnp.min(_windows(q, nb, width)[:, :, None] + table, axis=1).reshape(-1)
-    return jnp.concatenate([zero, new])
+    def layer(d):  # D_l[j] = min_o D_{l-1}[j - o] + C(j - o, j)
+      q = jnp.concatenate([pad, d])
+      return _tree_min([q[band - o:band - o + m + 1] + table[o] for o in range(band + 1)])
+  else:
+    nb, width = m // BLOCK, BLOCK + band
+    table = _band_costs(p, band)
+    pad = jnp.full((band - 1,), jnp.inf, jnp.float32)
+    zero = jnp.zeros((1,), jnp.float32)
+
+    def layer(d):
+      q = jnp.concatenate([pad, d])
+      new = jnp.min(_windows(q, nb, width)[:, :, None] + table, axis=1).reshape(-1)
+      return jnp.concatenate([zero, new])
+
+  d, ds = jax.lax.scan(lambda d, _: (layer(d), d), first, None, length=k - 2)
+  return jnp.concatenate([ds, d[None]])  # D_1 .. D_{k-1}
+
+
+def band_finish(p, ds, k: int, band: int):
+  """`band_dp` from its layers ``ds`` (`band_layers`): the backtracking (costs of the
+  ``band + 1`` candidate starts of each boundary, from the prefix sums) and the band
+  certificate. Cheap: run it on many rows at once, outside the batched layers."""
+  m = p[0].shape[0] - 1
+  pad = jnp.full((band,), jnp.inf, jnp.float32)
+  t = jnp.arange(band + 1, dtype=jnp.int32)
+
+  def best_start(end, d):
+    """argmin_i D[i] + C(i, end) over the band (first index), and the minimum."""
+    i = end - band + t
+    c = _cost(p, jnp.clip(i, 0, m), end).astype(jnp.float32)
+    vals = jax.lax.dynamic_slice(jnp.concatenate([pad, d]), (end,), (band + 1,))
+    vals = vals + jnp.where(i >= 0, c, jnp.inf)
+    low = jnp.min(vals)
+    return jnp.where(end > 0, end - band + _first_index(vals <= low, axis=0), 0), low
 
   if k == 1:
-    cost, starts, ds = first[m], jnp.zeros((0,), jnp.int32), first[None]
+    cost, starts = ds[0][m], jnp.zeros((0,), jnp.int32)
   else:
-    # D_2 .. D_{k-1} in full; D_k is needed only at m (below)
-    d, ds = jax.lax.scan(lambda d, _: (layer(d), d), first, None, length=k - 2)
-    ds = jnp.concatenate([ds, d[None]])  # D_1 .. D_{k-1}
-    tt = jnp.arange(width, dtype=jnp.int32)
-
-    def best_start(end, d):
-      """argmin_i D[i] + C(i, end) over the band (first index), and the minimum."""
-      q = jnp.concatenate([pad, d])
-      e = jnp.maximum(end - 1, 0)
-      c, s = e // BLOCK, e % BLOCK
-      vals = jax.lax.dynamic_slice(q, (c * BLOCK,), (width,)) + table[c, :, s]
-      low = jnp.min(vals)
-      t = jnp.min(jnp.where(vals <= low, tt, width))
-      return jnp.where(end > 0, c * BLOCK + 1 - band + t, 0).astype(jnp.int32), low
-
-    cost = best_start(jnp.int32(m), d)[1]
+    cost = best_start(jnp.int32(m), ds[-1])[1]
 
     def back(end, d):
-      start = best_start(end, d)[0]
+      start = best_start(end, d)[0].astype(jnp.int32)
       return start, start
 
     _, starts = jax.lax.scan(back, jnp.int32(m), ds, reverse=True)
   if band >= m:
     return starts, cost, jnp.bool_(True)
-  # The certificate. A clustering with a cluster [a, b) longer than `band` that costs
-  # less than `ub` has a cheap run: C(a, a + band + 1) <= C(a, b) < ub, so a is in F =
-  # {i : C(i, i + band + 1) < ub}, and a >= f = min F. Its clusters before a cover
-  # [0, a), a superset of [0, f), with at most k - 1 clusters: they cost at least
-  # D_{k-1}[f], which the banded DP has exactly (a better clustering of [0, f) needs a
-  # long cluster inside it, whose run starts before f and so costs >= ub, when
-  # D_{k-1}[f] <= ub). Hence no such clustering exists when min_F C + D_{k-1}[f] >= ub.
+  # The certificate: no clustering with a cluster longer than `band` costs less than
+  # ub = cost (1 + 1e-5). Such a clustering has a long cluster [a, b), b > a + band; it
+  # costs at least E[a] + C(a, b) >= E[a] + run[a], with run[a] = C(a, a + band + 1) and
+  # E[a] the optimum of [0, a) in at most k - 1 clusters. E[a] >= min(D[a], R[a]), where
+  # D = D_{k-1} of the banded DP and R[a] the cheapest run inside [0, a) (if that optimum
+  # is not banded, it holds a long cluster, which costs at least its run); and E is
+  # non-decreasing in a, so its running maximum L is a bound too. Certified when
+  # min_a L[a] + run[a] >= ub.
   ub = cost.astype(jnp.float64) * (1 + 1e-5)
   i = np.arange(m - band)
   runs = _cost(p, i, i + band + 1)
-  longest = jnp.min(runs)
-  f = _first_index(runs < ub, axis=0)
-  before = ds[-1][jnp.minimum(f, m)].astype(jnp.float64)
-  ok = (longest >= ub) | ((longest + before >= ub) & (before <= cost.astype(jnp.float64)))
+  inside = jnp.concatenate([jnp.full((band + 1,), jnp.inf, jnp.float64),
+                            jax.lax.cummin(runs)])[:m + 1]
+  low = jax.lax.cummax(jnp.minimum(ds[-1].astype(jnp.float64), inside))
+  ok = jnp.min(low[:m - band] + runs) >= ub
   return starts, cost, ok
 
 
@@ -363,23 +428,22 @@ def _bounds(b, n):
   return lo, hi
 
 
-def dp_centroids(aw, am, k: int, band: int | None = None):
-  """Exact DP on ``m`` sorted weighted atoms (weights ``aw``, means ``am``): sorted
-  centroids ``(k,)`` float32, empty clusters filled. Banded (`band_width`), re-run with
-  the full band when the band is not certified."""
+def dp_centroids(aw, am, k: int, wide: bool = False):
+  """Exact DP on ``m`` sorted weighted atoms (weights ``aw``, means ``am``) with the band
+  of `band_width` (four times it when ``wide``). Returns sorted centroids ``(k,)``
+  float32 (empty clusters filled) and whether the band is certified."""
   m0 = aw.shape[0]
   m = -(-m0 // BLOCK) * BLOCK
   aw = jnp.pad(aw, (0, m - m0))
   am = jnp.pad(am, (0, m - m0), mode="edge")
-  band = band_width(k, m) if band is None else band
+  band = band_width(k, m, hist=True)
+  band = min(m, 4 * band) if wide else band
   with jax.enable_x64(True):
     ref, cw, c1, c2 = _centred_prefix_sums(aw, am)
     p = (cw, c1, c2)
     starts, _, ok = band_dp(p, k, band)
-    if band < m:
-      starts = jax.lax.cond(ok, lambda: starts, lambda: band_dp(p, k, m)[0])
     cent, used = _cluster_means(p, ref, *_bounds(starts, m))
-  return jnp.sort(_fill_empty(cent, used))
+  return jnp.sort(_fill_empty(cent, used)), ok
 
 
 # --------------------------------------------------------------------------- helpers
@@ -566,6 +630,7 @@ SHORT_CHUNK_VALUES = 1 << 18  # values per compiled call of the short-row path
 HIST_BLOCK = 1 << 18  # values per compiled call of the histogram path
 WHOLE_ROW = 1 << 22  # longer rows are histogrammed and assigned in one call
 REFINE_WIDTH = 8  # `_window_refine`: sorted values each side of a boundary
+REFINE_WIDTH_VALUES = 4  # ... when nearly every value is an atom (rows up to 2 num_atoms)
 REFINE_ROUNDS = 1
 MAP_BYTES = 1 << 22  # working set of one vectorised step of the short-row map
 SHORT_MIN_ATOMS = 320  # default atoms of a short row: max(320, 20k), at most 4096
@@ -651,22 +716,27 @@ def _short_lloyd(xs, ws, x, key, *, k, init, iters):
 
 
 def _short_atoms(xs, ws, *, m):
-  """Atoms of one sorted short row: their float64 prefix sums ``(3, m + 1)`` and edges."""
+  """Atoms of one sorted short row: their float64 prefix sums ``(3, m + 1)``, their edges
+  and the prefix sums of the values ``(ref, cw, c1, c2)`` (for `_short_finish`)."""
   xs = _top_fill(xs, ws)
-  _, cw, c1, c2 = _centred_prefix_sums(ws, xs)
+  pref = _centred_prefix_sums(ws, xs)
+  _, cw, c1, c2 = pref
   e = row_atoms(ws, xs, m)
-  return jnp.stack([cw[e], c1[e], c2[e]]), e
+  return jnp.stack([cw[e], c1[e], c2[e]]), e, pref
 
 
-def _short_finish(xs, ws, x, e, starts, *, m):
+def _short_finish(x, e, starts, pref, *, m):
   """Boundaries of the atoms' optimum (``starts``) to centroids and assignments: when
-  atoms were merged, first the best boundaries among the values near them."""
-  xs = _top_fill(xs, ws)
-  ref, cw, c1, c2 = _centred_prefix_sums(ws, xs)
+  atoms were merged, first the best boundaries among the values near them (within
+  `REFINE_WIDTH`, or `REFINE_WIDTH_VALUES` when atoms hold one or two values: as close
+  to the optimum on every MiniLM channel row at k = 4, 8, 16)."""
+  ref, cw, c1, c2 = pref
   p = (cw, c1, c2)
+  n = cw.shape[0] - 1
   b = e[starts]
-  if xs.shape[0] > m:
-    b = _window_refine(b, p, e[m], width=REFINE_WIDTH, rounds=REFINE_ROUNDS)
+  if n > m:
+    width = REFINE_WIDTH_VALUES if n <= 2 * m else REFINE_WIDTH
+    b = _window_refine(b, p, e[m], width=width, rounds=REFINE_ROUNDS)
   cent, used = _cluster_means(p, ref, *_bounds(b, e[m]))
   cent = _fill_empty(cent, used)  # sorted: means of consecutive runs
   return cent, _assign_small(cent, x)
@@ -696,13 +766,16 @@ def _short_chunk(xs, ws, x, key_data, *, k, method, init, num_atoms, iters, impl
   m = num_atoms
   band = band_width(k, m, value_atoms=xs.shape[1] <= 2 * m)
   with jax.enable_x64(True):
-    pa, e = jax.vmap(functools.partial(_short_atoms, m=m))(xs, ws)
+    pa, e, pref = jax.vmap(functools.partial(_short_atoms, m=m))(xs, ws)
 
     def dp(a, band):
       starts, _, ok = band_dp((a[0], a[1], a[2]), k, band)
       return starts, ok
 
-    starts, ok = jax.lax.map(lambda a: dp(a, band), pa, batch_size=_map_batch(k, m, band))
+    # the layers in small batches (their tables stay in cache), the rest on every row
+    ds = jax.lax.map(lambda a: band_layers((a[0], a[1], a[2]), k, band), pa,
+                     batch_size=_map_batch(k, m, band))
+    starts, _, ok = jax.vmap(lambda a, d: band_finish((a[0], a[1], a[2]), d, k, band))(pa, ds)
     if band < m:
       wide = min(m, 4 * band)
 
@@ -713,20 +786,22 @@ def _short_chunk(xs, ws, x, key_data, *, k, method, init, num_atoms, iters, impl
         return jax.lax.map(one, (pa, ok, starts))
 
       starts = jax.lax.cond(jnp.all(ok), lambda st: st, redo, starts)
-    return jax.vmap(functools.partial(_short_finish, m=m))(xs, ws, x, e, starts)
+    return jax.vmap(functools.partial(_short_finish, m=m))(x, e, starts, pref)
 
 
 def row_bucket(n: int, sort_threshold: int = 65536) -> int:
-  """Padded length of a short row (a power of two >= 16); long rows keep ``n``."""
-  if n <= sort_threshold:
-    return max(16, 1 << (n - 1).bit_length())
-  return n
+  """Padded length of a short row: the least of 16, 32, 48, 64, 96, 128, 192, ... (powers
+  of two and 1.5 times them, multiples of 16) that holds ``n``; long rows keep ``n``."""
+  if n > sort_threshold:
+    return n
+  size = max(16, 1 << (n - 1).bit_length())
+  return size * 3 // 4 if size >= 64 and n <= size * 3 // 4 else size
 
 
 def _chunk_rows(g: int, size: int) -> int:
-  """Rows per compiled call: ``SHORT_CHUNK_VALUES // size``, or fewer rows (a power of
-  two) when there are fewer; so each (k, row bucket) compiles a handful of programs."""
-  full = max(1, SHORT_CHUNK_VALUES // size)
+  """Rows per compiled call: a power of two, at most ``SHORT_CHUNK_VALUES // size`` (fewer
+  when there are fewer rows); so each (k, row bucket) compiles a handful of programs."""
+  full = 1 << (max(1, SHORT_CHUNK_VALUES // size).bit_length() - 1)
   return full if g >= full else 1 << (g - 1).bit_length()
 
 
@@ -818,18 +893,22 @@ def hist_stats_blocks(x, w, bits: int, *, axis_name=None):
 
 def _blocks(xf, wf):
   """Fixed `HIST_BLOCK`-sized blocks (the last one padded with zero weight; ``wf=None``:
-  unit weights, given only for that block); a row longer than `WHOLE_ROW` is one block
+  unit weights); a row longer than `WHOLE_ROW` is one block
   (one compilation per such size costs less than the per-block dispatch and copies)."""
   n = xf.shape[0]
   if n > WHOLE_ROW:
     yield xf, wf
     return
+  ones = None
   for s in range(0, n, HIST_BLOCK):
     xb = xf[s:s + HIST_BLOCK]
-    wb = None if wf is None else wf[s:s + HIST_BLOCK]
+    if wf is None:  # explicit unit weights: one compiled program for full and last blocks
+      ones = np.ones((HIST_BLOCK,), np.float32) if ones is None else ones
+      wb = ones[:xb.shape[0]]
+    else:
+      wb = wf[s:s + HIST_BLOCK]
     if xb.shape[0] < HIST_BLOCK:
       pad = HIST_BLOCK - xb.shape[0]
-      wb = np.ones_like(xb) if wb is None else wb
       xb = np.concatenate([xb, np.zeros((pad,), np.float32)])
       wb = np.concatenate([wb, np.zeros((pad,), np.float32)])
     yield xb, wb
@@ -846,16 +925,31 @@ def _hist_acc(acc, xb, wb, *, bits):
   return acc + _hist_first(xb, wb, bits=bits)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "method", "init", "num_atoms", "iters"))
 def centroids_from_hist(stats, key, *, k, method, init, num_atoms, iters):
   """Sorted centroids ``(k,)`` from a fine-bin histogram ``(2**bits, 2)``: coarse atoms,
-  exact DP (or Lloyd init), Lloyd polish on the fine atoms. Compiled once per k."""
+  exact DP (or Lloyd init), Lloyd polish on the fine atoms. Compiled once per k; a
+  histogram whose band is not certified is redone with a four times wider band (a
+  second program, compiled only then; a `lax.cond` under tracing)."""
+  kw = dict(k=k, method=method, init=init, num_atoms=num_atoms, iters=iters)
+  cent, ok = _hist_centroids(stats, key, wide=False, **kw)
+  if method != "dp":
+    return cent
+  if isinstance(ok, jax.core.Tracer):
+    return jax.lax.cond(ok, lambda: cent, lambda: _hist_centroids(stats, key, wide=True, **kw)[0])
+  return cent if bool(ok) else _hist_centroids(stats, key, wide=True, **kw)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("k", "method", "init", "num_atoms", "iters",
+                                             "wide"))
+def _hist_centroids(stats, key, *, k, method, init, num_atoms, iters, wide):
   fw, fm = hist_means(stats)
   _, _, a, b = atoms_from_fine(fw, fm, key, k=k, method=method, init=init,
                                num_atoms=num_atoms)
-  cent = dp_centroids(a, b, k) if method == "dp" else a
-  cent, used, _ = _lloyd_prefix(cent, fw, fm, iters)
-  return jnp.sort(_fill_empty(cent, used))
+  ok = jnp.bool_(True)
+  if method == "dp":
+    a, ok = dp_centroids(a, b, k, wide=wide)
+  cent, used, _ = _lloyd_prefix(a, fw, fm, iters)
+  return jnp.sort(_fill_empty(cent, used)), ok
 
 
 def assign_refine(x, w, cent, *, refine: int, axis_name=None):
@@ -926,7 +1020,7 @@ def kmeans_1d_batch(x, w, keys, *, k, method="dp", init="linear", num_atoms=None
                     polish_iters=1000, max_iters=300, sort_threshold=65536):
   """1-D k-means of each row of ``x`` ``(G, n)`` with weights ``w`` ``(G, n)`` (or None).
 
-  Short rows (``n <= sort_threshold``) are padded to a row bucket (a power of two) and
+  Short rows (``n <= sort_threshold``) are padded to a row bucket (`row_bucket`) and
   run in fixed-size chunks of rows, so a (k, bucket) pair compiles a handful of programs
   whatever the number of rows; long rows are histogrammed in fixed-size blocks and
   clustered on the histogram, compiled once per k. Concrete inputs are split on the host
@@ -956,9 +1050,10 @@ def kmeans_1d_batch(x, w, keys, *, k, method="dp", init="linear", num_atoms=None
                      init=init, num_atoms=int(num_atoms), iters=int(iters))
     cents.append(c)
     assigns.append(a)
-  if any(isinstance(a, jax.Array) for a in [*cents, *assigns]):
+  if any(isinstance(a, jax.core.Tracer) for a in [*cents, *assigns]):
     return jnp.stack(cents), jnp.stack(assigns)
-  return np.stack(cents), np.stack(assigns)
+  # concrete: stacked on the host (no compilation per leaf shape)
+  return np.stack([np.asarray(c) for c in cents]), np.stack([np.asarray(a) for a in assigns])
 
 
 def default_num_atoms(k: int, n: int | None = None, sort_threshold: int = 65536) -> int:
@@ -1059,8 +1154,18 @@ def _vector_kmeans_jit(x, w, key, *, k, init, max_iters, tol):
 
 
 @jax.jit
-def _all_finite(x):
+def _all_finite_jit(x):
   return jnp.all(jnp.isfinite(x))
+
+
+def all_finite(x) -> bool:
+  """Whether a concrete array has no NaN/Inf: on the host for NumPy arrays and arrays on
+  the CPU (no compilation per leaf shape), one compiled reduction on other devices."""
+  if isinstance(x, np.ndarray) or not isinstance(x, jax.Array) or (
+      x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices())):
+    a = np.asarray(x)
+    return bool(np.isfinite(a).all()) if np.issubdtype(a.dtype, np.inexact) else True
+  return bool(_all_finite_jit(x))
 
 
 @functools.partial(jax.jit, static_argnames=("refine",))
@@ -1133,7 +1238,7 @@ def kmeans(x: jax.typing.ArrayLike, k: int, *, weights: jax.typing.ArrayLike | N
     raise TypeError(f"kmeans needs floating data, got dtype {x.dtype}")
   if x.ndim not in (1, 2) or x.shape[0] == 0:
     raise ValueError(f"kmeans needs a non-empty (n,) or (n, d) array, got shape {x.shape}")
-  if not isinstance(x, jax.core.Tracer) and not bool(_all_finite(x)):
+  if not isinstance(x, jax.core.Tracer) and not all_finite(x):
     raise ValueError("kmeans input has NaN or Inf values")
   xf = x.astype(jnp.float32)
   n = x.shape[0]
