@@ -6,7 +6,7 @@ of the leaf, and the statistics that must be global are reduced with ``jax.lax.p
 
 Per-tensor k-means (`share_leaf`, the 1-D histogram path of `qws_jax.kmeans`):
 
-1. **Histogram** (``shard_map``): each device bins its block into the 2**16 (k <= 16) or 2**18 fine bins
+1. **Histogram** (``shard_map``): each device bins its block into the 2**16 (k <= 32) or 2**18 fine bins
    of `qws_jax._src.kmeans` and ``psum`` s the ``(weight, weighted offset)`` sums. Every
    offset is an exact multiple of its bin's ulp, so for unweighted k-means these sums
    are exact (order-independent) while a bin holds fewer than 2**10 values -- the
