@@ -3,10 +3,11 @@
 1-D algorithm (``method="dp"``, the default), all static shapes, see docs/design.md:
 
 * **Short rows** (``n <= sort_threshold``: channels, groups, small tensors) are padded
-  to a row bucket (`row_bucket`: powers of two and 1.5 times them), sorted (on the host for concrete inputs, `lax.sort`
-  under tracing: the same order) and run in fixed-size chunks of rows (one compiled
-  program per (k, bucket, chunk)). Per row: atoms (every value when the row has at
-  most ``num_atoms`` values, else contiguous atoms of equal mass under ``p(x)**(1/3)``);
+  to a row bucket (`row_bucket`: powers of two and 1.5 times them), sorted (on the
+  host for concrete inputs, `lax.sort` under tracing: the same order) and run in
+  fixed-size chunks of rows (one compiled program per (k, bucket, chunk)). Per row:
+  atoms (every value when the row has at most ``num_atoms`` values, else contiguous
+  atoms of equal mass under ``p(x)**(1/3)``);
   the exact DP on the atoms (`band_dp`: a banded min-plus DP whose band is certified
   per row, see below); when atoms were merged, a windowed boundary DP on the values
   (`_window_refine`); nearest-centroid assignment.
@@ -279,7 +280,8 @@ def _band_costs(p, band: int):
 
 def _windows(q, nb: int, width: int):
   """``(nb, width)`` overlapping windows ``q[c*BLOCK : c*BLOCK + width]`` (one static
-  gather: compiles faster than concatenated slices, runs as fast)."""
+  gather: compiles about 0.2 s faster than concatenated slices; as fast on short rows,
+  15 % slower on 4,096 atoms at k=256)."""
   return jnp.take(q, np.arange(nb)[:, None] * BLOCK + np.arange(width)[None, :])
 
 
