@@ -36,7 +36,7 @@ def dense_f32(x, w):
 
 def test_tile_hash_is_the_library_hash():
   """The kernels' tile hash gives exactly HashedArray.bucket_and_sign (spec v1 integers)."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(39)
   w = make_hashed(rng, 37, 53, 29, seed=2**32 - 1)
   spec = HashedSpec(K=37, N=53, num_buckets=29, seed=w.seed, signed=True, impl="xla", bs=BlockSizes())
   b, s = tile_hash(0, 37, 0, 53, spec)
@@ -62,7 +62,7 @@ FWD_CASES = [
 @pytest.mark.parametrize("signed,K,N,B,lead,impl", [c[1:] for c in FWD_CASES],
                          ids=[c[0] for c in FWD_CASES])
 def test_forward_matches_reference(signed, K, N, B, lead, impl):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(65)
   w = make_hashed(rng, K, N, B, signed=signed)
   x = jnp.asarray(rng.normal(size=lead + (K,)), jnp.float32)
   y = hashed_matmul(x, w, impl=impl, block_sizes=SMALL)
@@ -73,7 +73,7 @@ def test_forward_matches_reference(signed, K, N, B, lead, impl):
 
 @pytest.mark.parametrize("impl", ["xla", "interpret"])
 def test_bf16(impl):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(76)
   w = make_hashed(rng, 80, 40, 50, dtype=jnp.bfloat16)
   x = jnp.asarray(rng.normal(size=(3, 80)), jnp.bfloat16)
   y = hashed_matmul(x, w, impl=impl, block_sizes=SMALL)
@@ -85,7 +85,7 @@ def test_bf16(impl):
 
 @pytest.mark.parametrize("m,split", [(1, None), (20, 4)])
 def test_split_k(m, split):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(88)
   w = make_hashed(rng, 64, 40, 33)
   x = jnp.asarray(rng.normal(size=(m, 64)), jnp.float32)
   bs = BlockSizes(block_m=16, block_n=32, block_k=16, split_k=split)
@@ -94,7 +94,7 @@ def test_split_k(m, split):
 
 
 def test_default_blocks_and_dispatch():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(97)
   w = make_hashed(rng, 128, 96, 300)
   x = jnp.asarray(rng.normal(size=(24, 128)), jnp.float32)
   ref = hashed_matmul_reference(x, w)
@@ -108,7 +108,7 @@ def test_default_blocks_and_dispatch():
     ("xla", True, jnp.bfloat16, (2, 3))],
     ids=["interp", "interp-unsigned-m20", "xla", "xla-unsigned", "xla-bf16"])
 def test_gradients_match_jnp(impl, signed, dtype, lead):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(111)
   w = make_hashed(rng, 70, 42, 23, signed=signed, dtype=dtype)
   x = jnp.asarray(rng.normal(size=lead + (70,)), dtype)
   t = jnp.asarray(rng.normal(size=lead + (42,)), jnp.float32)
@@ -130,7 +130,7 @@ def test_gradients_match_jnp(impl, signed, dtype, lead):
 
 
 def test_training_step_under_jit_reduces_loss():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(133)
   w = make_hashed(rng, 32, 8, 16)
   x = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
   target = x @ jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
@@ -148,7 +148,7 @@ def test_training_step_under_jit_reduces_loss():
 
 
 def test_errors_name_the_problem():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(151)
   w = make_hashed(rng, 16, 8, 5)
   x = jnp.ones((2, 16), jnp.float32)
   with pytest.raises(TypeError, match="HashedArray"):
@@ -165,7 +165,7 @@ def test_errors_name_the_problem():
 
 @pytest.mark.parametrize("m,dtype,signed", [(1, jnp.bfloat16, True), (32, jnp.float32, False)])
 def test_pallas_lowers_for_cuda(m, dtype, signed):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(168)
   w = make_hashed(rng, 256, 96, 1000, dtype=dtype, signed=signed)
   x = jnp.asarray(rng.normal(size=(m, 256)), dtype)
   fwd = jax.jit(lambda x, w: hashed_matmul(x, w, impl="pallas"))
@@ -179,7 +179,7 @@ def test_pallas_lowers_for_cuda(m, dtype, signed):
 def test_leaf_from_hash_share():
   """What users run: a leaf produced by qws_jax.hash_share, through the dispatch default."""
   import qws_jax  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(182)
   params = {"dense": {"kernel": jnp.zeros((96, 40), jnp.float32)}}
   w = qws_jax.hash_share(params, compression=1 / 4, key=jax.random.key(0))["dense"]["kernel"]
   assert isinstance(w, HashedArray)
