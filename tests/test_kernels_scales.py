@@ -86,7 +86,7 @@ FWD_CASES = [
 @pytest.mark.parametrize("layout,k,K,N,sgs,lead,impl,dtype", [c[1:] for c in FWD_CASES],
                          ids=[c[0] for c in FWD_CASES])
 def test_forward_matches_reference(layout, k, K, N, sgs, lead, impl, dtype):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(89)
   w = make_scaled(rng, K, N, k, layout, sgs=sgs)
   x = jnp.asarray(rng.normal(size=lead + (K,)), dtype)
   y = shared_matmul(x, w, impl=impl, block_sizes=SMALL)
@@ -98,7 +98,7 @@ def test_forward_matches_reference(layout, k, K, N, sgs, lead, impl, dtype):
 def test_scales_along_the_right_axis(impl):
   """K != N, scales 1e-2 .. 1e1 by row group (times 1..2 by column): a scale looked up
   by the wrong row group or column, or missing, gives a far-off product."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(101)
   K, N, sgs = 128, 48, 32
   w = make_scaled(rng, K, N, 16, "tensor", sgs=sgs)
   by_row = 10.0 ** np.arange(-2, 2)[:, None] * rng.uniform(1.0, 2.0, (1, N))
@@ -126,7 +126,7 @@ def test_scales_along_the_right_axis(impl):
 def test_bf16_leaf_rounds_like_materialize():
   """A bf16 leaf with f32 activations: the scaled value is rounded to bf16 like
   ``materialize`` (bit-exact decode, so only the summation order differs)."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(129)
   w = make_scaled(rng, 96, 40, 16, "col", sgs=32, dtype=jnp.bfloat16)
   x = jnp.asarray(rng.normal(size=(4, 96)), jnp.float32)
   want = shared_matmul_reference(x, w)
@@ -155,7 +155,7 @@ GRAD_CASES = [
                          ids=[c[0] for c in GRAD_CASES])
 def test_gradients_match_jnp(layout, k, impl, dtype, lead, sgs):
   """dx and d codebook (which carries the scale factor) against jax.grad of the reference."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(158)
   K, N = 100, 42
   w = make_scaled(rng, K, N, k, layout, sgs=sgs, dtype=dtype)
   x = jnp.asarray(rng.normal(size=lead + (K,)), dtype)
@@ -195,7 +195,7 @@ def test_xla_blocking_modes():
 
 
 def test_d_codebook_includes_the_scale_and_scales_get_zero_gradient():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(198)
   w = make_scaled(rng, 64, 24, 4, "tensor", sgs=16, scale_range=(3.0, 5.0))
   x = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
   g = jax.grad(lambda w: jnp.sum(shared_matmul(x, w, impl="xla")), allow_int=True)(w)
@@ -213,7 +213,7 @@ def test_d_codebook_includes_the_scale_and_scales_get_zero_gradient():
     (4, "tensor", 1, jnp.bfloat16), (4, "group", 32, jnp.float32), (8, "col", 16, jnp.bfloat16),
     (2, "row", 4, jnp.float32)])
 def test_pallas_lowers_for_cuda(bits, layout, m, dtype):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(216)
   w = make_scaled(rng, 256, 96, 2**bits, layout, sgs=64, group_size=128, dtype=dtype)
   x = jnp.asarray(rng.normal(size=(m, 256)), dtype)
   fwd = jax.jit(lambda x, w: shared_matmul(x, w, impl="pallas"))
@@ -234,7 +234,7 @@ def _largest_float(fn, *args) -> int:
 def test_xla_path_never_materialises_the_weight(with_outliers):
   """With scales (and outliers), no floating value as large as the (K, N) weight exists in
   the jaxpr of the forward or the backward pass: the weight is decoded 512 rows at a time."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(237)
   K, N = 2048, 96
   params = {"w": jnp.asarray(rng.normal(size=(K, N)), jnp.float32)}
   w = qws_jax.share(params, k=16, scale_group_size=64, outliers=0.01 if with_outliers else 0.0,
@@ -259,7 +259,7 @@ def test_xla_path_never_materialises_the_weight(with_outliers):
 def test_parts_matmul_routes_scaled_leaves_to_the_kernel(monkeypatch, cdt, n_outliers):
   """Scales (with or without outliers, any codebook dtype) go to the kernel, never
   through ``materialize``; `shared_matmul` takes such leaves directly too."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(262)
   w = make_scaled(rng, 100, 45, 16, "col", sgs=24, n_outliers=n_outliers, codebook_dtype=cdt)
   x = jnp.asarray(rng.normal(size=(2, 3, 100)), jnp.float32)
   want = np.asarray(shared_matmul_reference(x, w))
@@ -287,7 +287,7 @@ def test_parts_matmul_routes_scaled_leaves_to_the_kernel(monkeypatch, cdt, n_out
 def test_outlier_correction_decodes_only_outlier_positions():
   """`parts.decoded_at` equals ``materialize`` at any positions: every layout, bit width
   (3 and 5 bits cross byte boundaries) and a vector codebook."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(290)
   for k in (2, 8, 16, 32, 200):
     for layout in ("tensor", "col", "row", "group"):
       w = make_scaled(rng, 40, 27, k, layout, sgs=12, group_size=16)
@@ -303,7 +303,7 @@ def test_outlier_correction_decodes_only_outlier_positions():
 
 
 def test_tpu_kernel_refuses_scales_and_dispatch_falls_back():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(306)
   w = make_scaled(rng, 256, 128, 16, "tensor", sgs=64)
   why = ops.pallas_unsupported(w, "mosaic")
   assert why and "scale" in why
@@ -315,7 +315,7 @@ def test_tpu_kernel_refuses_scales_and_dispatch_falls_back():
 
 
 def test_jit_second_call_does_not_retrace():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(318)
   traces = []
 
   @jax.jit

@@ -71,7 +71,7 @@ FWD_CASES = [
 @pytest.mark.parametrize("layout,k,K,N,lead,impl", [c[1:] for c in FWD_CASES],
                          ids=[c[0] for c in FWD_CASES])
 def test_forward_matches_reference(layout, k, K, N, lead, impl):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(74)
   w = make_shared(rng, K, N, k, layout, group_size=32)
   x = jnp.asarray(rng.normal(size=lead + (K,)), jnp.float32)
   y = shared_matmul(x, w, impl=impl, block_sizes=SMALL)
@@ -83,7 +83,7 @@ def test_forward_matches_reference(layout, k, K, N, lead, impl):
 @pytest.mark.parametrize("impl", ["xla", "interpret"])
 @pytest.mark.parametrize("cb_dtype", [jnp.float32, jnp.bfloat16], ids=["cb_f32", "cb_bf16"])
 def test_bf16_activations(impl, cb_dtype):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(86)
   w = make_shared(rng, 96, 40, 16, "col", dtype=cb_dtype)
   x = jnp.asarray(rng.normal(size=(3, 96)), jnp.bfloat16)
   y = shared_matmul(x, w, impl=impl, block_sizes=SMALL)
@@ -95,7 +95,7 @@ def test_bf16_activations(impl, cb_dtype):
 
 
 def test_bf16_codebook_f32_activations_exact_decode():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(98)
   w = make_shared(rng, 64, 32, 16, "tensor", dtype=jnp.bfloat16)
   x = jnp.asarray(rng.normal(size=(4, 64)), jnp.float32)
   y = shared_matmul(x, w, impl="xla")
@@ -104,7 +104,7 @@ def test_bf16_codebook_f32_activations_exact_decode():
 
 
 def test_default_blocks_large_m_uses_dot_path():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(107)
   w = make_shared(rng, 128, 64, 16, "group", group_size=64)
   x = jnp.asarray(rng.normal(size=(40, 128)), jnp.float32)
   for impl in ("interpret", "xla", None):
@@ -115,7 +115,7 @@ def test_default_blocks_large_m_uses_dot_path():
 @pytest.mark.parametrize("m,split", [(1, None), (20, 2), (3, 1)])
 def test_split_k(m, split):
   """K split over programs (partial sums added afterwards) == reference."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(118)
   w = make_shared(rng, 96, 40, 16, "group", group_size=32)
   x = jnp.asarray(rng.normal(size=(m, 96)), jnp.float32)
   bs = BlockSizes(block_m=16, block_n=32, block_k=16, split_k=split)
@@ -125,7 +125,7 @@ def test_split_k(m, split):
 
 
 def test_vector_codebook_xla_only():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(128)
   w = make_shared(rng, 24, 16, 8, "tensor", vector_dim=2)
   x = jnp.asarray(rng.normal(size=(3, 24)), jnp.float32)
   np.testing.assert_allclose(shared_matmul(x, w), dense_f32(x, w), **tol(jnp.float32))
@@ -147,7 +147,7 @@ GRAD_CASES = [
 @pytest.mark.parametrize("layout,k,impl,dtype,lead", [c[1:] for c in GRAD_CASES],
                          ids=[c[0] for c in GRAD_CASES])
 def test_gradients_match_jnp(layout, k, impl, dtype, lead):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(150)
   w = make_shared(rng, 70, 42, k, layout, group_size=32, dtype=dtype)
   x = jnp.asarray(rng.normal(size=lead + (70,)), dtype)
   t = jnp.asarray(rng.normal(size=lead + (42,)), jnp.float32)
@@ -169,7 +169,7 @@ def test_gradients_match_jnp(layout, k, impl, dtype, lead):
 
 
 def test_indices_get_no_gradient_and_vjp_under_jit():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(172)
   w = make_shared(rng, 32, 16, 16)
   x = jnp.asarray(rng.normal(size=(4, 32)), jnp.float32)
   g = jax.jit(jax.grad(lambda w: jnp.sum(shared_matmul(x, w)), allow_int=True))(w)
@@ -180,7 +180,7 @@ def test_indices_get_no_gradient_and_vjp_under_jit():
 
 
 def test_jit_second_call_does_not_retrace():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(183)
   traces = []
 
   @jax.jit
@@ -196,14 +196,14 @@ def test_jit_second_call_does_not_retrace():
 
 
 def test_empty_batch():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(199)
   w = make_shared(rng, 16, 8, 4)
   y = shared_matmul(jnp.zeros((0, 16), jnp.float32), w)
   assert y.shape == (0, 8) and y.dtype == jnp.float32
 
 
 def test_errors_name_the_problem():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(206)
   w = make_shared(rng, 16, 8, 8)
   x = jnp.ones((2, 16), jnp.float32)
   with pytest.raises(TypeError, match="SharedArray"):
@@ -256,7 +256,7 @@ def test_block_sizes_validate_and_clamp():
     (4, "tensor", 1, jnp.bfloat16), (4, "group", 32, jnp.float32), (8, "col", 16, jnp.bfloat16),
     (2, "row", 4, jnp.float32)])
 def test_pallas_lowers_for_cuda(bits, layout, m, dtype):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(259)
   w = make_shared(rng, 256, 96, 2**bits, layout, group_size=128, dtype=dtype)
   x = jnp.asarray(rng.normal(size=(m, 256)), dtype)
   fwd = jax.jit(lambda x, w: shared_matmul(x, w, impl="pallas"))
@@ -280,7 +280,7 @@ TPU_CASES = [
 @pytest.mark.parametrize("layout,k,K,N,m,dtype", [c[1:] for c in TPU_CASES],
                          ids=[c[0] for c in TPU_CASES])
 def test_tpu_kernel_interpret_matches_reference(layout, k, K, N, m, dtype):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(283)
   w = make_shared(rng, K, N, k, layout, dtype=dtype)
   x = jnp.asarray(rng.normal(size=(m, K)), dtype)
   y = ops._run(x, w, "mosaic_interpret", BlockSizes(block_k=128))
@@ -290,7 +290,7 @@ def test_tpu_kernel_interpret_matches_reference(layout, k, K, N, m, dtype):
 
 
 def test_tpu_kernel_lowers_for_tpu_and_refuses_other_layouts():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(293)
   w = make_shared(rng, 512, 256, 16, "tensor", dtype=jnp.bfloat16)
   x = jnp.asarray(rng.normal(size=(1, 512)), jnp.bfloat16)
   f = jax.jit(lambda x, w: ops._run(x, w, "mosaic", BlockSizes()))
@@ -308,7 +308,7 @@ def test_tpu_kernel_lowers_for_tpu_and_refuses_other_layouts():
 def test_leaves_from_share(opts):
   """What users run: a leaf produced by qws_jax.share, through the dispatch default."""
   import qws_jax  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(311)
   params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(70, 48)), jnp.float32)}}
   # Lloyd: a fast share (the default exact "dp" k-means costs ~20 s here to compile).
   w = qws_jax.share(params, method="lloyd", max_iters=20, **opts)["dense"]["kernel"]
