@@ -772,10 +772,6 @@ def _short_chunk(xs, ws, x, key_data, *, k, method, init, num_atoms, iters, impl
   with jax.enable_x64(True):
     pa, e, pref = jax.vmap(functools.partial(_short_atoms, m=m))(xs, ws)
 
-    def dp(a, band):
-      starts, _, ok = band_dp((a[0], a[1], a[2]), k, band)
-      return starts, ok
-
     # the layers in small batches (their tables stay in cache), the rest on every row
     ds = jax.lax.map(lambda a: band_layers((a[0], a[1], a[2]), k, band), pa,
                      batch_size=_map_batch(k, m, band))
@@ -786,7 +782,7 @@ def _short_chunk(xs, ws, x, key_data, *, k, method, init, num_atoms, iters, impl
       def redo(starts):
         def one(args):
           a, row_ok, st = args
-          return jax.lax.cond(row_ok, lambda: st, lambda: dp(a, wide)[0])
+          return jax.lax.cond(row_ok, lambda: st, lambda: band_dp((a[0], a[1], a[2]), k, wide)[0])
         return jax.lax.map(one, (pa, ok, starts))
 
       starts = jax.lax.cond(jnp.all(ok), lambda st: st, redo, starts)
